@@ -1,0 +1,139 @@
+"""Improved Integration Approximation (Zhang, Chen et al., ICLR 2024): a base step plus fitted multiples
+of quantities the step already computed.
+
+Every variant is ``x_next = base_step(x, history) + sum_k coeffs[i, k] * g_k``; a variant only declares its
+base step and how to read its basis vectors ``g_k`` off the step records. ``terms(q, prev, family)`` gives
+the vectors of one step record ``q`` (``prev`` is the record before it); with history depth r the basis is
+the terms of steps i, i-1, ..., i-r, so the coefficient table has ``n_terms * (r + 1)`` columns and the
+depth is read off its shape. A vector that does not exist at a step (no history yet, no second evaluation
+into sigma = 0) is None and its coefficient must be zero.
+"""
+from functools import partial
+
+from . import base as B
+from ._core import CalibrationMismatch, Family, calibration_params, merge_options, run, sigma_list
+from .registry import register
+
+
+class Variant:
+    def __init__(self, name, base, terms, n_terms, max_depth, doc):
+        self.name, self.base, self.terms, self.n_terms, self.max_depth, self.doc = (
+            name, base, terms, n_terms, max_depth, doc)
+
+    def depth(self, n_columns):
+        depth, rem = divmod(n_columns, self.n_terms)
+        if rem or not 1 <= depth <= self.max_depth + 1:
+            raise CalibrationMismatch(
+                f"{self.name} takes {self.n_terms} coefficients per history step and at most "
+                f"{self.max_depth + 1} steps, got {n_columns} per step")
+        return depth - 1
+
+    def basis(self, q, hist, family, depth):
+        records = [q] + list(reversed(hist))
+        out = []
+        for k in range(depth + 1):
+            if k < len(records):
+                out += self.terms(records[k], records[k + 1] if k + 1 < len(records) else None, family)
+            else:
+                out += [None] * self.n_terms
+        return out
+
+
+def _diff(a, b):
+    return None if a is None or b is None else a - b
+
+
+def _ddim_terms(q, prev, family):
+    eps = family.eps(q["x"], q["D"], q["s"])
+    if prev is None:
+        return [None, None]
+    return [q["D"] - prev["D"], eps - family.eps(prev["x"], prev["D"], prev["s"])]
+
+
+def _cfg_terms(q, prev, family):
+    return [family.eps(q["x"], q["D"], q["s"])]
+
+
+def _state_terms(q, prev, family):
+    return [q["x"], q["D"]]
+
+
+def _heun_direction_terms(q, prev, family):
+    return [q["dh"]]
+
+
+def _edm_terms(q, prev, family):
+    return [q["x"] - q["D"], _diff(q.get("D2"), q["D"])]
+
+
+def _pndm_terms(q, prev, family):
+    if prev is None:
+        return [None, None]
+    return [q["Dc"] - prev["Dc"], q["dc"] - prev["dc"]]
+
+
+VARIANTS = [
+    Variant("iia_ddim", "euler", _ddim_terms, 2, 0,
+            "IIA-DDIM: Euler/DDIM plus the x0- and eps-differences with the previous step."),
+    Variant("iia_ddim_cfg", "euler", _cfg_terms, 1, 0,
+            "IIA-DDIM for guided sampling: one coefficient on the guided eps."),
+    Variant("iia_dpmpp_2m", "dpmpp_2m", _state_terms, 2, 1,
+            "IIA-DPM-Solver++(2M): DPM-Solver++(2M) plus the state and x0."),
+    Variant("biia_edm", "heun", _heun_direction_terms, 1, 1,
+            "BIIA-EDM: Heun plus its averaged direction of this (and the previous) step."),
+    Variant("iia_edm", "heun", _edm_terms, 2, 1,
+            "IIA-EDM: Heun plus x - D and D' - D of this (and the previous) step."),
+    Variant("iia_ipndm", "ipndm", _pndm_terms, 2, 0,
+            "IIA-iPNDM: iPNDM plus the differences of its combined x0 and direction."),
+    Variant("iia_spndm", "spndm", _pndm_terms, 2, 0,
+            "IIA-SPNDM: S-PNDM plus the differences of its combined x0 and direction."),
+]
+
+
+def base_evaluations(base, sigmas, **options):
+    sig = sigma_list(sigmas)
+    n = len(sig) - 1
+    last_free = 1 if sig[-1] == 0 else 0
+    per_step = B.BASE_STEPS[base][1]
+    if per_step == 2:
+        return 2 * n - last_free
+    if base == "spndm":
+        return n + (1 if sig[1] > 0 else 0)
+    return n
+
+
+def make_sampler(variant):
+    step_fn = B.BASE_STEPS[variant.base][0]
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, calibration=None,
+               family=None, shift=None, **options):
+        fam = Family.of(family, shift)
+        sig = sigma_list(sigmas)
+        options = merge_options(calibration, options)
+        params = calibration_params(calibration, variant.name, sig, fam, ["coeffs"])
+        adjust = None
+        if params is not None:
+            coeffs = params["coeffs"]
+            depth = variant.depth(len(coeffs[0]))
+
+            def adjust(x_next, q, hist, i):
+                for k, (c, g) in enumerate(zip(coeffs[i], variant.basis(q, hist, fam, depth))):
+                    if c == 0:
+                        continue
+                    if g is None:
+                        raise CalibrationMismatch(
+                            f"{variant.name} step {i}: coefficient {k} is {c:g} but its basis vector does not "
+                            "exist at this step (no history or no second evaluation); the file is inconsistent")
+                    x_next = x_next + c * g
+                return x_next
+
+        return run(partial(step_fn, **options), model, x, sigmas, extra_args, callback, disable, fam, adjust)
+
+    sample.__doc__ = variant.doc
+    return sample
+
+
+for _v in VARIANTS:
+    register(_v.name, make_sampler(_v), base=_v.base, nfe_per_step=B.BASE_STEPS[_v.base][1],
+             evaluations=partial(base_evaluations, _v.base), kind="iia", params=("coeffs",))
+VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
