@@ -1,5 +1,9 @@
-"""Fitting IIA coefficients and AMED parameters to a model, and the calibration file (imports samplers/).
+"""Calibrations: per-step parameters fitted to a model, and their file (imports samplers/, never ComfyUI).
 
-Not built yet: this is the calibration-engine issue. The samplers already accept any object with
-``.params`` (per-step tensors) and optional ``.method``, ``.sigmas``, ``.family``, ``.options``.
+``Calibration`` is what the samplers' ``calibration=`` argument takes; ``Calibration.save(path)`` writes the
+safetensors file and ``load(path)`` reads and validates one. The fitting itself (``calibrate``) is the
+calibration-engine issue and is not built yet.
 """
+from .file import Calibration, CalibrationFileError, load
+
+__all__ = ["Calibration", "CalibrationFileError", "load"]

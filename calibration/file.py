@@ -1,0 +1,170 @@
+"""The calibration file: safetensors tensors plus string metadata, never pickle.
+
+Tensors: ``sigmas`` (float64, the exact schedule), the method's per-step parameters (IIA ``coeffs``, AMED
+``r``/``c``/``a``), and optionally ``residual_before`` / ``residual_after`` (per-step held-out residuals) and
+``fallback`` (1 where a step reverted to the base update). Metadata: ``format``, ``format_version``,
+``method``, ``base``, ``family``, ``shift``, ``options`` (JSON of the solver options fitted with),
+``pack_version`` and ``info`` (JSON: cfg, fine_steps, batch size, seed, model fingerprint and how it was
+computed, the fit's settings). Loading validates every field and refuses what it does not understand.
+"""
+import json
+import math
+import os
+import tempfile
+
+import torch
+
+from .. import __version__ as PACK_VERSION
+from ..samplers import SAMPLERS, Family
+from ..samplers.iia import VARIANT_BY_NAME
+
+FORMAT = "calibrated-samplers"
+FORMAT_VERSION = 1
+OPTIONAL_TENSORS = ("residual_before", "residual_after", "fallback")
+REQUIRED_METADATA = ("format", "format_version", "method", "base", "family", "shift", "options", "pack_version", "info")
+
+
+class CalibrationFileError(ValueError):
+    """A calibration file that is damaged, from an unknown version, or inconsistent with itself."""
+
+
+class Calibration:
+    """Per-step parameters fitted for one sampler, schedule and model (what the samplers' ``calibration=`` takes)."""
+
+    def __init__(self, method, sigmas, params, family="ve", shift=1.0, options=None, info=None,
+                 residual_before=None, residual_after=None, fallback=None):
+        self.method = method
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
+        self.params = {k: torch.as_tensor(v, dtype=torch.float64).detach().cpu() for k, v in params.items()}
+        fam = Family.of(family, shift)
+        self.family, self.shift = fam.name, fam.shift
+        self.options = dict(options or {})
+        self.info = dict(info or {})
+        self.residual_before, self.residual_after, self.fallback = (
+            None if t is None else torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+            for t in (residual_before, residual_after, fallback))
+        validate(self)
+
+    @property
+    def steps(self):
+        return len(self.sigmas) - 1
+
+    def __repr__(self):
+        return (f"Calibration({self.method!r}, steps={self.steps}, family={self.family!r}, "
+                f"sigmas={[round(float(s), 4) for s in self.sigmas]})")
+
+    def tensors(self):
+        out = {"sigmas": self.sigmas}
+        out.update({f"param.{k}": v for k, v in self.params.items()})
+        for name in OPTIONAL_TENSORS:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def metadata(self):
+        return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "method": self.method,
+                "base": SAMPLERS[self.method].base, "family": self.family, "shift": repr(self.shift),
+                "options": json.dumps(self.options, sort_keys=True), "pack_version": PACK_VERSION,
+                "info": json.dumps(self.info, sort_keys=True)}
+
+    def save(self, path):
+        """Write atomically: a temporary file in the same folder, renamed over ``path`` once complete."""
+        from safetensors.torch import save_file
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+        os.close(fd)
+        try:
+            save_file(self.tensors(), tmp, metadata=self.metadata())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return path
+
+
+def _fail(path, message):
+    raise CalibrationFileError(f"{path}: {message}")
+
+
+def validate(cal, where="calibration"):
+    """Check a Calibration is consistent with itself and with its sampler; raise CalibrationFileError."""
+    if cal.method not in SAMPLERS:
+        _fail(where, f"unknown sampler {cal.method!r} (this pack has {sorted(SAMPLERS)})")
+    fn = SAMPLERS[cal.method]
+    if fn.kind == "plain":
+        _fail(where, f"{cal.method!r} takes no calibration")
+    sig = cal.sigmas
+    if sig.ndim != 1 or len(sig) < 2 or not torch.isfinite(sig).all() or (sig[:-1] <= sig[1:]).any() or sig[-1] < 0:
+        _fail(where, "sigmas must be a finite, strictly decreasing 1-D schedule ending at or above 0")
+    n = len(sig) - 1
+    if set(cal.params) != set(fn.params):
+        _fail(where, f"{cal.method} needs parameters {sorted(fn.params)}, the file has {sorted(cal.params)}")
+    for k, v in cal.params.items():
+        if v.ndim < 1 or v.shape[0] != n or not torch.isfinite(v).all():
+            _fail(where, f"parameter {k!r} must hold finite values for each of the {n} steps, got shape {tuple(v.shape)}")
+    if fn.kind == "iia":
+        coeffs = cal.params["coeffs"]
+        if coeffs.ndim != 2:
+            _fail(where, f"coeffs must be (steps, basis) but is {tuple(coeffs.shape)}")
+        try:
+            VARIANT_BY_NAME[cal.method].depth(coeffs.shape[1])
+        except ValueError as e:
+            _fail(where, str(e))
+    else:
+        for k in ("r", "c", "a"):
+            if cal.params[k].ndim != 1:
+                _fail(where, f"AMED parameter {k!r} must be one number per step")
+        if not ((cal.params["r"] > 0) & (cal.params["r"] <= 1)).all() or not (cal.params["a"] > 0).all():
+            _fail(where, "AMED needs 0 < r <= 1 and a > 0 at every step")
+    for name in OPTIONAL_TENSORS:
+        t = getattr(cal, name)
+        if t is not None and (t.shape != (n,) or not torch.isfinite(t).all()):
+            _fail(where, f"{name} must hold one finite value per step")
+    if not math.isfinite(cal.shift) or cal.shift <= 0:
+        _fail(where, f"shift must be a positive number, got {cal.shift}")
+
+
+def load(path):
+    """Read and validate a calibration file; raise CalibrationFileError naming what is wrong."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isfile(path):
+        _fail(path, "no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        _fail(path, f"not a readable safetensors file ({e}); it may be truncated or not a calibration")
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        _fail(path, f"metadata lacks {missing}: not a calibration file of this pack, or damaged")
+    if meta["format"] != FORMAT:
+        _fail(path, f"format is {meta['format']!r}, expected {FORMAT!r}")
+    if meta["format_version"] != str(FORMAT_VERSION):
+        _fail(path, f"format version {meta['format_version']!r} is not the one this pack reads ({FORMAT_VERSION}); "
+                    "update the pack or recalibrate")
+    if meta["method"] in SAMPLERS and meta["base"] != SAMPLERS[meta["method"]].base:
+        _fail(path, f"base solver {meta['base']!r} does not match {meta['method']!r}'s ({SAMPLERS[meta['method']].base!r})")
+    try:
+        options, info, shift = json.loads(meta["options"]), json.loads(meta["info"]), float(meta["shift"])
+    except ValueError as e:
+        _fail(path, f"metadata is not valid ({e})")
+    if not isinstance(options, dict) or not isinstance(info, dict):
+        _fail(path, "options and info must be JSON objects")
+    for k, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.float64):
+            _fail(path, f"tensor {k!r} has dtype {t.dtype}, expected float32 or float64")
+    known = {"sigmas"} | set(OPTIONAL_TENSORS) | {k for k in tensors if k.startswith("param.")}
+    unknown = sorted(set(tensors) - known)
+    if unknown or "sigmas" not in tensors:
+        _fail(path, f"unexpected tensors {unknown}" if unknown else "no sigmas tensor")
+    params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+    try:
+        return Calibration(meta["method"], tensors["sigmas"], params, meta["family"], shift, options, info,
+                           *(tensors.get(n) for n in OPTIONAL_TENSORS))
+    except CalibrationFileError as e:
+        _fail(path, str(e).split(": ", 1)[-1])
+    except ValueError as e:  # an unknown family name
+        _fail(path, str(e))
