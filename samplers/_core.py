@@ -103,9 +103,9 @@ class Denoiser:
         self.dtype = work_dtype(x.dtype)
         self.calls = 0
 
-    def __call__(self, x, i=None, sigma=None):
-        """Evaluate at grid point ``i`` (the exact sigma tensor the caller gave) or at a float ``sigma``."""
-        s = self.sigmas[i] if sigma is None else torch.as_tensor(sigma, dtype=self.sigmas.dtype, device=self.sigmas.device)
+    def __call__(self, x, sigma):
+        """Evaluate at the float ``sigma`` (grid values round-trip exactly to the caller's sigma dtype)."""
+        s = torch.as_tensor(sigma, dtype=self.sigmas.dtype, device=self.sigmas.device)
         self.calls += 1
         return self.model(x, s * self.s_in, **self.extra_args).to(self.dtype)
 

@@ -40,7 +40,7 @@ def _first_substep(kind, x, d, D, s, s_to, hist, family, opts):
 def amed_parts(kind, ev, x, i, sig, hist, family, r, a, afs, **opts):
     """One AMED step split as (A, B, records): x_next = A + c * B (B is None into sigma = 0)."""
     s, s_next = sig[i], sig[i + 1]
-    D = afs_denoised(x, s, family) if (afs and i == 0) else ev(x, i)
+    D = afs_denoised(x, s, family) if (afs and i == 0) else ev(x, sig[i])
     d = B.to_d(x, s, D)
     q = {"x": x, "D": D, "d": d, "s": s}
     if s_next == 0:
@@ -49,7 +49,7 @@ def amed_parts(kind, ev, x, i, sig, hist, family, r, a, afs, **opts):
         raise CalibrationMismatch(f"AMED step {i}: need 0 < r <= 1 and a > 0, got r={r}, a={a}")
     s_mid = s_next ** r * s ** (1 - r)
     y = _first_substep(kind, x, d, D, s, s_mid, hist, family, opts)
-    D_mid = ev(y, sigma=a * s_mid)
+    D_mid = ev(y, a * s_mid)
     d_mid = B.to_d(y, s_mid, D_mid)
     qm = {"x": y, "D": D_mid, "d": d_mid, "s": s_mid}
     if kind == "amed":

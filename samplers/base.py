@@ -31,14 +31,14 @@ def dpmpp_2m_denoised(D, D_prev, s_prev, s, s_next, family):
 
 def euler(ev, x, i, sig, hist, family):
     """Euler in sigma, which is DDIM for every family (Song et al. 2021)."""
-    D = ev(x, i)
+    D = ev(x, sig[i])
     d = to_d(x, sig[i], D)
     return x + (sig[i + 1] - sig[i]) * d, {"x": x, "D": D, "d": d, "s": sig[i]}
 
 
 def heun(ev, x, i, sig, hist, family):
     """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1); Euler into sigma = 0."""
-    D = ev(x, i)
+    D = ev(x, sig[i])
     d = to_d(x, sig[i], D)
     q = {"x": x, "D": D, "d": d, "s": sig[i]}
     h = sig[i + 1] - sig[i]
@@ -46,27 +46,27 @@ def heun(ev, x, i, sig, hist, family):
         q["dh"] = d
         return x + h * d, q
     x2 = x + h * d
-    D2 = ev(x2, i + 1)
+    D2 = ev(x2, sig[i + 1])
     q["D2"], q["dh"] = D2, (d + to_d(x2, sig[i + 1], D2)) / 2
     return x + h * q["dh"], q
 
 
 def dpm_2(ev, x, i, sig, hist, family):
     """k-diffusion's DPM-Solver-2: midpoint in log sigma (Lu et al. 2022); Euler into sigma = 0."""
-    D = ev(x, i)
+    D = ev(x, sig[i])
     d = to_d(x, sig[i], D)
     q = {"x": x, "D": D, "d": d, "s": sig[i]}
     if sig[i + 1] == 0:
         return x + (sig[i + 1] - sig[i]) * d, q
     s_mid = math.exp(0.5 * (math.log(sig[i]) + math.log(sig[i + 1])))
     x2 = x + (s_mid - sig[i]) * d
-    q["D2"] = ev(x2, sigma=s_mid)
+    q["D2"] = ev(x2, s_mid)
     return x + (sig[i + 1] - sig[i]) * to_d(x2, s_mid, q["D2"]), q
 
 
 def dpmpp_2m(ev, x, i, sig, hist, family):
     """DPM-Solver++(2M) with the family's half-log-SNR (Lu et al. 2022); first order first and into 0."""
-    D = ev(x, i)
+    D = ev(x, sig[i])
     q = {"x": x, "D": D, "d": to_d(x, sig[i], D), "s": sig[i]}
     Dx = D
     if hist and sig[i + 1] > 0:
@@ -90,7 +90,7 @@ def ipndm(ev, x, i, sig, hist, family, max_order=4, variable_step=False):
     ``variable_step=True`` uses the exact weights for the actual, non-uniform sigma spacing (k-diffusion's
     ``lms``), instead of the fixed uniform-grid weights the papers use.
     """
-    D = ev(x, i)
+    D = ev(x, sig[i])
     d = to_d(x, sig[i], D)
     x_next, inc = pndm_step(x, d, i, sig, hist, max_order, variable_step)
     dc = inc / (sig[i + 1] - sig[i])

@@ -82,7 +82,7 @@ def sample_gddim(model, x, sigmas, extra_args=None, callback=None, disable=None,
     history = []  # data predictions D_i, D_{i-1}, ... newest first
     D_next = None
     for i in steps(len(sig) - 1, disable):
-        D = ev(x, i) if D_next is None else D_next
+        D = ev(x, sig[i]) if D_next is None else D_next
         history.insert(0, D)
         del history[5:]
         report(callback, x, i, sigmas, D)
@@ -92,7 +92,7 @@ def sample_gddim(model, x, sigmas, extra_args=None, callback=None, disable=None,
         x_next = drift if z is None else drift + noise_std * z
         D_next = None
         if corr is not None:
-            D_next = ev(x_next, i + 1)
+            D_next = ev(x_next, sig[i + 1])
             factor, b, _ = corr
             x_next = factor * x + sum(bj * Dj for bj, Dj in zip(b, [D_next] + history))
             if z is not None:
