@@ -16,6 +16,7 @@ costs no extra evaluation; the last step is never corrected, and a step into sig
 """
 import math
 
+import numpy as np
 import torch
 
 from ._core import Family, lagrange_integrals, prepare, report, sigma_list, steps, Denoiser
@@ -35,8 +36,7 @@ def step_coefficients(sig, family, i, n_nodes, lam, new_point=False):
     kappa = 1.0 + lam * lam
     first = i + 1 if new_point else i
     nodes = [v[first - j] for j in range(n_nodes)]
-    weights = lagrange_integrals(nodes, v[i], v[i + 1], lambda u: kappa * torch.exp(
-        torch.as_tensor(-kappa * (v[i + 1] - u), dtype=torch.float64)).numpy())
+    weights = lagrange_integrals(nodes, v[i], v[i + 1], lambda u: kappa * np.exp(-kappa * (v[i + 1] - u)))
     alpha_next = family.alpha(s_next)
     factor = (s_next / s) * math.exp(-lam * lam * h)
     noise_std = s_next * math.sqrt(-math.expm1(-2 * lam * lam * h))
