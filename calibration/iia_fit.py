@@ -14,7 +14,7 @@ Work in progress (calibration-engine issue): everything is held in memory at onc
 import torch
 
 from ..samplers import base as B
-from ..samplers._core import Denoiser, Family, prepare, sigma_list
+from ..samplers._core import Denoiser, Family, prepare, remember, sigma_list
 from ..samplers.iia import VARIANT_BY_NAME
 
 
@@ -30,8 +30,7 @@ def _sub_solve(step_fn, ev, x, sig, i, fine_steps, hist, family, options):
     sub_hist = list(hist)
     for j in range(fine_steps):
         x, q = step_fn(ev, x, j, grid, sub_hist, family, **options)
-        sub_hist.extend(q.pop("records", None) or [q])
-        del sub_hist[:-4]
+        remember(sub_hist, q)
     return x, sub_hist
 
 
@@ -95,8 +94,7 @@ def fit_iia(model, sigmas, method, noise, extra_args=None, family=None, shift=No
             corr = torch.zeros_like(rho)
         coeffs[i] = c
         x_next = x_base + corr.reshape(x_base.shape).to(x_base.dtype)
-        hist.append(q)
-        del hist[:-4]
+        remember(hist, q)
         x = x_next
         if progress is not None:
             progress(i + 1, n_steps)

@@ -267,6 +267,12 @@ def calibration_params(calibration, method, sig, family, names):
 HISTORY_KEPT = 4  # the deepest multistep rule (4th-order Adams-Bashforth) looks back three steps
 
 
+def remember(hist, q):
+    """Append a step's record (or each of its intermediate points' records) and drop what no rule reads."""
+    hist.extend(q.pop("records", None) or [q])
+    del hist[:-HISTORY_KEPT]
+
+
 def run(step, model, x, sigmas, extra_args=None, callback=None, disable=None, family=None, adjust=None):
     """Drive ``step`` (see samplers.base) over the schedule; ``adjust(x_next, q, hist, i)`` may correct each step.
 
@@ -282,7 +288,6 @@ def run(step, model, x, sigmas, extra_args=None, callback=None, disable=None, fa
         if adjust is not None:
             x_next = adjust(x_next, q, hist, i)
         report(callback, x, i, sigmas, q["D"])
-        hist.extend(q.pop("records", None) or [q])  # a step with intermediate points records each
-        del hist[:-HISTORY_KEPT]
+        remember(hist, q)
         x = x_next
     return x.to(in_dtype)
