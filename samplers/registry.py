@@ -19,3 +19,21 @@ def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=()):
     fn.params = tuple(params)
     SAMPLERS[name] = fn
     return fn
+
+
+def steps_for_evaluations(name, evaluations, **options):
+    """(steps, ends_at_zero) so that sampler ``name`` costs exactly ``evaluations`` model calls, or None.
+
+    A schedule ending at sigma = 0 is preferred (its last step costs one evaluation even for two-evaluation
+    solvers); equal evaluations is how samplers are compared (a two-evaluation step counts twice).
+    """
+    import torch
+    fn = SAMPLERS[name]
+    for zero in (True, False):
+        for steps in range(1, evaluations + 2):
+            sig = torch.linspace(10.0, 1.0, steps + (0 if zero else 1), dtype=torch.float64)
+            if zero:
+                sig = torch.cat([sig, sig.new_zeros(1)])
+            if fn.evaluations(sig, **options) == evaluations:
+                return steps, zero
+    return None

@@ -1,0 +1,566 @@
+"""Fitting a calibration: IIA coefficients by least squares, AMED (r, c, a) by search with c in closed form.
+
+Both fits walk the schedule once, step by step, along the *calibrated* trajectory (later steps are fitted on
+the states sampling will see). At step i every noise takes the sampler's step and is compared with a target:
+
+- ``target="trajectory"`` (default): the state at sigma_{i+1} of a teacher solve from the same initial noise
+  (the base solver over ``fine_steps`` sub-steps of every interval), as AMED trains its students;
+- ``target="local"``: the base solver over ``fine_steps`` sub-steps of [sigma_i, sigma_{i+1}] from the
+  calibrated state and history (the IIA paper's).
+
+The batch is split into a fitting share and a held-out share (``holdout``), per condition. The fit sees only
+the fitting share; the held-out share decides every choice the fit makes (the IIA ridge, AMED's search result)
+and whether a step's correction is kept at all: a step that does not lower the held-out residual falls back
+to the base update. At the end the held-out share is sampled end to end with the calibration at full and half
+strength and without it, against the teacher's endpoint, and the best of the three is kept (so a
+calibration never makes its own held-out noises worse).
+
+Memory: per-sample states (the current state, the step history, the teacher) live on ``storage_device``;
+the model only ever sees ``chunk_size`` samples at a time and the statistics are accumulated chunk by chunk
+in float64, so the peak memory of the model side does not grow with the batch.
+"""
+import math
+import time
+
+import torch
+
+from ..samplers import SAMPLERS, Family
+from ..samplers import amed as A
+from ..samplers import base as B
+from ..samplers._core import Denoiser, HISTORY_KEPT, prepare, remember, sigma_list
+from ..samplers.iia import VARIANT_BY_NAME
+from .file import Calibration
+
+TARGETS = ("trajectory", "local")
+RIDGES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+AMED_R = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+AMED_REFINE = ((-0.05, 0.9), (-0.05, 1.0), (-0.05, 1.1), (0.0, 0.9), (0.0, 1.1), (0.05, 0.9), (0.05, 1.0), (0.05, 1.1))
+STRENGTHS = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+class CalibrationCancelled(RuntimeError):
+    """The ``cancel`` callback asked the calibration to stop; nothing was written."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-sample state kept for the whole batch, worked on chunk by chunk
+# --------------------------------------------------------------------------------------------------
+
+def _take(records, sl, device):
+    return [{k: (v[sl].to(device) if torch.is_tensor(v) else v) for k, v in r.items()} for r in records]
+
+
+def _join(parts, device):
+    """Concatenate per-chunk lists of records (same structure in every chunk) along the batch."""
+    out = []
+    for recs in zip(*parts):
+        out.append({k: (torch.cat([r[k].to(device) for r in recs]) if torch.is_tensor(v) else v)
+                    for k, v in recs[0].items()})
+    return out
+
+
+class _Chunk:
+    def __init__(self, sl, group, held_out):
+        self.sl, self.group, self.held_out = sl, group, held_out
+        self.n = sl.stop - sl.start
+
+
+def _chunks(n_total, n_groups, holdout, chunk_size):
+    """Chunks that never straddle a condition or the fit/held-out split; the held-out share is per condition."""
+    chunks, start = [], 0
+    for g, size in enumerate(_split_sizes(n_total, n_groups)):
+        n_hold = int(round(holdout * size))
+        if size - n_hold < 1 or (holdout > 0 and n_hold < 1):
+            raise ValueError(
+                f"a batch of {n_total} noises over {n_groups} conditions gives {size} for one condition, which "
+                f"cannot be split {1 - holdout:.0%} fit / {holdout:.0%} held out: give a larger batch")
+        for lo, hi, held in ((start, start + size - n_hold, False), (start + size - n_hold, start + size, True)):
+            for a in range(lo, hi, chunk_size):
+                chunks.append(_Chunk(slice(a, min(a + chunk_size, hi)), g, held))
+        start += size
+    return chunks
+
+
+def _split_sizes(n, k):
+    return [n // k + (1 if j < n % k else 0) for j in range(k)]
+
+
+def _flat(t):
+    return t.reshape(t.shape[0], -1).to(torch.float64)
+
+
+class _CachedDenoiser(Denoiser):
+    """Remembers the evaluation at this step's own sigma, which every AMED candidate shares."""
+
+    def __init__(self, *args, cached=None):
+        super().__init__(*args)
+        self.cached = cached  # (sigma, x, D)
+
+    def __call__(self, x, sigma):
+        c = self.cached
+        if c is not None and sigma == c[0] and x is c[1]:
+            return c[2]
+        return super().__call__(x, sigma)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fit driver
+# --------------------------------------------------------------------------------------------------
+
+class _Run:
+    """Everything one calibration carries: the batch, its chunks, the teacher and the bookkeeping."""
+
+    def __init__(self, model, sigmas, noise, conditions, family, chunk_size, holdout, storage_device,
+                 progress, cancel):
+        self.model, self.family = model, family
+        self.sig = sigma_list(sigmas)
+        self.n_steps = len(self.sig) - 1
+        x, self.in_dtype = prepare(noise)
+        self.device = x.device
+        self.storage = torch.device(storage_device) if storage_device is not None else x.device
+        self.sigmas = sigmas.detach().to(self.device)
+        self.x = x.to(self.storage)
+        self.x0 = self.x.clone()
+        self.conditions = conditions
+        self.chunks = _chunks(x.shape[0], len(conditions), holdout, chunk_size)
+        self.holdout = holdout
+        self.progress, self.cancel = progress, cancel
+        self.done, self.total = 0, 0
+        self.sample_evaluations = 0
+        self.model_calls = 0
+
+    def denoiser(self, chunk, x, cached=None):
+        return _CachedDenoiser(self.model, x, self.sigmas, self.conditions[chunk.group], cached=cached)
+
+    def count(self, ev, chunk):
+        self.model_calls += ev.calls
+        self.sample_evaluations += ev.calls * chunk.n
+
+    def tick(self):
+        if self.cancel is not None and self.cancel():
+            raise CalibrationCancelled("calibration cancelled; nothing was saved")
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def check_cancel(self):
+        if self.cancel is not None and self.cancel():
+            raise CalibrationCancelled("calibration cancelled; nothing was saved")
+
+
+def _sub_grid(a, b, fine_steps):
+    """``fine_steps`` equal sub-steps of [a, b] in log sigma (linear into sigma = 0)."""
+    if b > 0:
+        grid = [math.exp(math.log(a) + (math.log(b) - math.log(a)) * j / fine_steps) for j in range(fine_steps + 1)]
+    else:
+        grid = [a + (b - a) * j / fine_steps for j in range(fine_steps + 1)]
+    grid[0], grid[-1] = a, b
+    return grid
+
+
+def _sub_solve(step_fn, ev, x, a, b, fine_steps, hist, family, options):
+    """The teacher solver over ``fine_steps`` sub-steps of [a, b], continuing ``hist``; returns (x, hist)."""
+    grid = _sub_grid(a, b, fine_steps)
+    sub_hist = list(hist)
+    for j in range(fine_steps):
+        x, q = step_fn(ev, x, j, grid, sub_hist, family, **options)
+        remember(sub_hist, q)
+    return x, sub_hist
+
+
+class _Teacher:
+    """The base solver over ``fine_steps`` sub-steps of each interval, advanced alongside the fit.
+
+    Its state and history are kept per chunk (on the storage device), so it can run for any subset of chunks.
+    """
+
+    def __init__(self, run, base, fine_steps, options):
+        self.run, self.fine_steps = run, fine_steps
+        self.step_fn = B.BASE_STEPS[base][0]
+        # a multistep teacher on a non-uniform sub-grid needs the exact variable-step weights
+        self.options = {k: v for k, v in options.items() if k in ("max_order",)}
+        if base in ("ipndm", "spndm"):
+            self.options["variable_step"] = True
+        self.states = {}  # chunk index -> (x, hist)
+
+    def advance(self, i, chunks):
+        """Move the teacher of ``chunks`` (indices into run.chunks) to sigma_{i+1}; returns their states."""
+        run, out = self.run, []
+        for j in chunks:
+            ch = run.chunks[j]
+            x, hist = self.states.get(j, (run.x0[ch.sl], []))
+            x = x.to(run.device)
+            ev = run.denoiser(ch, x)
+            x, hist = _sub_solve(self.step_fn, ev, x, run.sig[i], run.sig[i + 1], self.fine_steps,
+                                 _take(hist, slice(None), run.device), run.family, self.options)
+            run.count(ev, ch)
+            x = x.to(run.storage)
+            self.states[j] = (x, _take(hist[-HISTORY_KEPT:], slice(None), run.storage))
+            out.append(x)
+            run.tick()
+        return out
+
+    def endpoint(self):
+        """The teacher's final states over the whole batch (None where it did not run)."""
+        if len(self.states) != len(self.run.chunks):
+            x = torch.full_like(self.run.x0, float("nan"))
+        else:
+            x = torch.empty_like(self.run.x0)
+        for j, (xt, _) in self.states.items():
+            x[self.run.chunks[j].sl] = xt
+        return x
+
+    def local(self, i, x, hist, ev):
+        """The fine solve of [sigma_i, sigma_{i+1}] from a calibrated state (the IIA paper's target)."""
+        return _sub_solve(self.step_fn, ev, x, self.run.sig[i], self.run.sig[i + 1], self.fine_steps, hist,
+                          self.run.family, self.options)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# IIA: per-step least squares
+# --------------------------------------------------------------------------------------------------
+
+class _Gram:
+    """sum <g_k, g_l>, sum <g_k, rho>, sum |rho|^2 and the sample count, in float64."""
+
+    def __init__(self, k):
+        self.G = torch.zeros(k, k, dtype=torch.float64)
+        self.r = torch.zeros(k, dtype=torch.float64)
+        self.yy = 0.0
+        self.n = 0
+        self.dim = 1
+
+    def add(self, g, rho):  # g: (B, K, D), rho: (B, D)
+        self.G += torch.einsum("bkd,bld->kl", g, g).cpu()
+        self.r += torch.einsum("bkd,bd->k", g, rho).cpu()
+        self.yy += float(rho.pow(2).sum())
+        self.n += rho.shape[0]
+        self.dim = rho.shape[1]
+
+    def mse(self, c):
+        """Mean squared residual per element after subtracting sum c_k g_k."""
+        if self.n == 0:
+            return float("nan")
+        return max(self.yy - 2 * float(c @ self.r) + float(c @ self.G @ c), 0.0) / (self.n * self.dim)
+
+
+def _solve(gram, ridge):
+    k = gram.G.shape[0]
+    scale = float(gram.G.diagonal().mean()) or 1.0
+    return torch.linalg.solve(gram.G + ridge * scale * torch.eye(k, dtype=torch.float64), gram.r)
+
+
+def _fit_iia(run, method, teacher, target, depth, ridge, options, fit_info):
+    variant = VARIANT_BY_NAME[method]
+    step_fn = B.BASE_STEPS[variant.base][0]
+    n_coeffs = variant.n_terms * (depth + 1)
+    coeffs = torch.zeros(run.n_steps, n_coeffs, dtype=torch.float64)
+    before = torch.zeros(run.n_steps, dtype=torch.float64)
+    after = torch.zeros(run.n_steps, dtype=torch.float64)
+    fallback = torch.zeros(run.n_steps, dtype=torch.float64)
+    ridges = []
+    hist = []
+    for i in range(run.n_steps):
+        targets = teacher.advance(i, range(len(run.chunks))) if target == "trajectory" else None
+        fit, held = _Gram(n_coeffs), _Gram(n_coeffs)
+        x_base, records, live = [], [], None
+        for j, ch in enumerate(run.chunks):
+            x = run.x[ch.sl].to(run.device)
+            h = _take(hist, ch.sl, run.device)
+            ev = run.denoiser(ch, x)
+            xb, q = step_fn(ev, x, i, run.sig, h, run.family, **options)
+            y = targets[j].to(run.device) if targets is not None else teacher.local(i, x, h, ev)
+            run.count(ev, ch)
+            basis = variant.basis(q, h, run.family, depth)
+            live = [k for k, g in enumerate(basis) if g is not None]
+            g = torch.zeros(ch.n, n_coeffs, _flat(xb).shape[1], dtype=torch.float64, device=run.device)
+            for k in live:
+                g[:, k] = _flat(basis[k])
+            (held if ch.held_out else fit).add(g, _flat(y - xb))
+            x_base.append(xb.to(run.storage))
+            records.append([{k: (v.to(run.storage) if torch.is_tensor(v) else v) for k, v in q.items()}])
+            run.tick()
+        c = torch.zeros(n_coeffs, dtype=torch.float64)
+        chosen = None
+        if live:
+            sub = _Gram(len(live))
+            sub.G, sub.r, sub.yy, sub.n, sub.dim = fit.G[live][:, live], fit.r[live], fit.yy, fit.n, fit.dim
+            candidates = RIDGES if ridge is None else (ridge,)
+            best = None
+            for lam in candidates:
+                cand = torch.zeros(n_coeffs, dtype=torch.float64)
+                cand[live] = _solve(sub, lam)
+                score = held.mse(cand) if held.n else fit.mse(cand)
+                if best is None or score < best[0]:
+                    best, chosen = (score, cand), lam
+            c = best[1]
+        zero = torch.zeros(n_coeffs, dtype=torch.float64)
+        check = held if held.n else fit
+        before[i], after[i] = check.mse(zero), check.mse(c)
+        if live and not after[i] < before[i]:
+            c, fallback[i], after[i], chosen = zero, 1.0, before[i], None
+        coeffs[i] = c
+        ridges.append(chosen)
+        # advance every noise with the corrected update; the basis is rebuilt from the stored records
+        new_x = []
+        q_all = _join(records, run.storage)[0]
+        for j, ch in enumerate(run.chunks):
+            xb = x_base[j].to(run.device)
+            if c.abs().sum() > 0:
+                q = _take([q_all], ch.sl, run.device)[0]
+                basis = variant.basis(q, _take(hist, ch.sl, run.device), run.family, depth)
+                for k, g in enumerate(basis):
+                    if c[k] != 0:
+                        xb = xb + float(c[k]) * g
+            new_x.append(xb.to(run.storage))
+        remember(hist, q_all)
+        run.x = torch.cat(new_x)
+        run.check_cancel()
+    fit_info["ridge"] = ridges
+    return {"coeffs": coeffs}, before.sqrt(), after.sqrt(), fallback
+
+
+# --------------------------------------------------------------------------------------------------
+# AMED: (r, a) by search, c in closed form
+# --------------------------------------------------------------------------------------------------
+
+class _Line:
+    """Statistics of x_next = A + c B against a target y: sum |B|^2, <B, y - A>, |y - A|^2, count."""
+
+    def __init__(self):
+        self.bb = self.by = self.yy = 0.0
+        self.n, self.dim = 0, 1
+
+    def add(self, A, Bv, y):
+        rho = _flat(y - A)
+        b = _flat(Bv)
+        self.bb += float(b.pow(2).sum())
+        self.by += float((b * rho).sum())
+        self.yy += float(rho.pow(2).sum())
+        self.n += rho.shape[0]
+        self.dim = rho.shape[1]
+
+    def best_c(self):
+        return self.by / self.bb if self.bb > 0 else 1.0
+
+    def mse(self, c):
+        if self.n == 0:
+            return float("nan")
+        return max(self.yy - 2 * c * self.by + c * c * self.bb, 0.0) / (self.n * self.dim)
+
+
+def _fit_amed(run, method, teacher, target, afs, options, fit_info):
+    kind = "amed" if method == "amed" else SAMPLERS[method].base
+    defaults = (A.DEFAULTS["r"], A.DEFAULTS["c"], A.DEFAULTS["a"])
+    table = {k: torch.zeros(run.n_steps, dtype=torch.float64) for k in ("r", "c", "a")}
+    before = torch.zeros(run.n_steps, dtype=torch.float64)
+    after = torch.zeros(run.n_steps, dtype=torch.float64)
+    fallback = torch.zeros(run.n_steps, dtype=torch.float64)
+    hist = []
+    searched = []
+    for i in range(run.n_steps):
+        s, s_next = run.sig[i], run.sig[i + 1]
+        targets = teacher.advance(i, range(len(run.chunks))) if target == "trajectory" else None
+        first = []  # this step's own evaluation per chunk, shared by every candidate
+        ys = []
+        for j, ch in enumerate(run.chunks):
+            x = run.x[ch.sl].to(run.device)
+            ev = run.denoiser(ch, x)
+            D = A.afs_denoised(x, s, run.family) if (afs and i == 0) else ev(x, s)
+            y = targets[j] if targets is not None else teacher.local(
+                i, x, _take(hist, ch.sl, run.device), ev).to(run.storage)
+            run.count(ev, ch)
+            first.append(D.to(run.storage))
+            ys.append(y)
+
+        def evaluate(candidates):
+            stats = {rc: (_Line(), _Line()) for rc in candidates}
+            for j, ch in enumerate(run.chunks):
+                x = run.x[ch.sl].to(run.device)
+                h = _take(hist, ch.sl, run.device)
+                ev = run.denoiser(ch, x, cached=(s, x, first[j].to(run.device)))
+                y = ys[j].to(run.device)
+                for r, a in candidates:
+                    A_, B_, _ = A.amed_parts(kind, ev, x, i, run.sig, h, run.family, r, a, afs, **options)
+                    stats[(r, a)][1 if ch.held_out else 0].add(A_, B_, y)
+                run.count(ev, ch)
+                run.tick()
+            return stats
+
+        if s_next == 0:  # a plain base step: nothing to fit, its residual is measured below
+            r, c, a = defaults
+        else:
+            stats = evaluate([(r, 1.0) for r in AMED_R])
+            r0 = min(AMED_R, key=lambda r: stats[(r, 1.0)][0].mse(stats[(r, 1.0)][0].best_c()))
+            refine = [(min(max(r0 + dr, 0.02), 1.0), a) for dr, a in AMED_REFINE]
+            stats.update(evaluate([rc for rc in refine if rc not in stats]))
+            (r, a), (fit, held) = min(stats.items(), key=lambda kv: kv[1][0].mse(kv[1][0].best_c()))
+            c = fit.best_c()
+            base_fit, base_held = stats[(defaults[0], defaults[2])]
+            check_base, check = (base_held, held) if held.n else (base_fit, fit)
+            before[i], after[i] = check_base.mse(defaults[1]), check.mse(c)
+            searched.append(len(stats))
+            if not after[i] < before[i]:
+                r, c, a = defaults
+                fallback[i], after[i] = 1.0, before[i]
+        table["r"][i], table["c"][i], table["a"][i] = r, c, a
+        new_x, recs, last = [], [], (_Line(), _Line())
+        for j, ch in enumerate(run.chunks):
+            x = run.x[ch.sl].to(run.device)
+            ev = run.denoiser(ch, x, cached=(s, x, first[j].to(run.device)))
+            A_, B_, records = A.amed_parts(kind, ev, x, i, run.sig, _take(hist, ch.sl, run.device), run.family,
+                                           r, a, afs, **options)
+            run.count(ev, ch)
+            if B_ is None:
+                last[1 if ch.held_out else 0].add(A_, torch.zeros_like(A_), ys[j].to(run.device))
+            new_x.append((A_ if B_ is None else A_ + c * B_).to(run.storage))
+            recs.append([{k: (v.to(run.storage) if torch.is_tensor(v) else v) for k, v in q.items()}
+                         for q in records])
+            run.tick()
+        if s_next == 0:
+            before[i] = after[i] = (last[1] if last[1].n else last[0]).mse(0.0)
+        joined = _join(recs, run.storage)
+        remember(hist, {"records": joined})
+        run.x = torch.cat(new_x)
+    fit_info["candidates_per_step"] = searched
+    return table, before.sqrt(), after.sqrt(), fallback
+
+
+# --------------------------------------------------------------------------------------------------
+# End-to-end check on the held-out share
+# --------------------------------------------------------------------------------------------------
+
+def _scaled(params, kind, strength):
+    if kind == "iia":
+        return {"coeffs": params["coeffs"] * strength}
+    return {k: A.DEFAULTS[k] + strength * (v - A.DEFAULTS[k]) for k, v in params.items()}
+
+
+def _endpoint_check(run, method, params, kind, teacher_end, candidates, family):
+    """Held-out endpoint RMSE against the teacher for each candidate (strength, options); {candidate: rmse}."""
+    held = [ch for ch in run.chunks if ch.held_out]
+    fn = SAMPLERS[method]
+    out = {}
+    for strength, options in candidates:
+        cal = _scaled(params, kind, strength) if strength else None
+        err, count = 0.0, 0
+        for ch in held:
+            x = run.x0[ch.sl].to(run.device)
+            end = fn(run.model, x, run.sigmas, extra_args=run.conditions[ch.group], disable=True, calibration=cal,
+                     family=family.name, shift=family.shift, **options)
+            run.model_calls += fn.evaluations(run.sigmas, **options)
+            run.sample_evaluations += fn.evaluations(run.sigmas, **options) * ch.n
+            err += float((_flat(end) - _flat(teacher_end[ch.sl].to(run.device))).pow(2).sum())
+            count += end.numel()
+            run.tick()
+        out[(strength, tuple(sorted(options.items())))] = math.sqrt(err / count)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry
+# --------------------------------------------------------------------------------------------------
+
+def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,
+              target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,
+              storage_device=None, progress=None, cancel=None, info=None, **options):
+    """Fit ``sampler``'s per-step parameters to ``model`` on the schedule ``sigmas``; returns a ``Calibration``.
+
+    ``noise``: the batch of initial states (already scaled to sigmas[0], as a sampler receives them).
+    ``extra_args``: one dict of model keyword arguments, or a list of them (one per prompt/condition); the
+    batch is split evenly over the conditions. ``family``/``shift``: the model family, as for the samplers.
+    ``fine_steps``: teacher sub-steps per interval. ``target``: "trajectory" or "local" (module docstring).
+    ``history``: IIA history depth r (default: the variant's deepest). ``ridge``: IIA ridge, relative to the
+    Gram diagonal (default: chosen on the held-out share). ``holdout``: held-out share of each condition's
+    noises. ``chunk_size``: samples per model call. ``validate``: the end-to-end held-out check.
+    ``storage_device``: where per-sample states wait between chunks (e.g. "cpu" to spare GPU memory).
+    ``progress(done, total)`` and ``cancel() -> bool`` are called between chunks. ``info``: extra metadata
+    for the file (cfg, seed, model fingerprint...). Remaining ``options`` are solver options (``afs``,
+    ``max_order``, ``variable_step``) saved with the calibration and used by the sampler.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; calibrated samplers are "
+                         f"{sorted(n for n, f in SAMPLERS.items() if f.kind != 'plain')}")
+    fn = SAMPLERS[sampler]
+    if fn.kind == "plain":
+        raise ValueError(f"{sampler} needs no calibration: its coefficients come from the schedule itself")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if int(fine_steps) < 1:
+        raise ValueError(f"fine_steps must be at least 1, got {fine_steps}")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if not torch.is_tensor(noise) or noise.ndim < 2:
+        raise ValueError("noise must be a batch tensor (N, ...) of initial states scaled to sigmas[0]")
+    if not torch.is_tensor(sigmas):
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    conditions = list(extra_args) if isinstance(extra_args, (list, tuple)) else [extra_args or {}]
+    conditions = [c if c is not None else {} for c in conditions]
+    if not conditions:
+        raise ValueError("extra_args is an empty list: give at least one condition (or None)")
+    fam = Family.of(family, shift)
+    user_options = dict(options)
+    if sampler == "amed_ipndm" and "variable_step" not in options:
+        # learned intermediate times make the refined grid non-uniform, where iPNDM's fixed weights (which
+        # assume equal steps) corrupt the next steps' extrapolation; the per-step fit cannot see that and
+        # measured worse end to end (analytic testbed, 8 evaluations), so calibrate on exact variable weights
+        options["variable_step"] = True
+    afs = bool(options.get("afs", False))
+    solver_options = {k: v for k, v in options.items() if k != "afs"}
+    started = time.perf_counter()
+    run = _Run(model, sigmas, noise, conditions, fam, int(chunk_size), holdout, storage_device, progress, cancel)
+    n_chunks = len(run.chunks)
+    held = [j for j, ch in enumerate(run.chunks) if ch.held_out]
+    ends_in_zero = 1 if run.sig[-1] == 0 else 0
+    if fn.kind == "iia":
+        units = run.n_steps * n_chunks
+    else:  # search, refine and advance per step; the step into sigma = 0 only advances
+        units = (3 * run.n_steps - 2 * ends_in_zero) * n_chunks
+    teacher_chunks = n_chunks if target == "trajectory" else (len(held) if validate else 0)
+    n_candidates = len(STRENGTHS) + (1 if user_options != options else 0)
+    run.total = units + run.n_steps * teacher_chunks + (n_candidates * len(held) if validate else 0)
+    teacher = _Teacher(run, fn.base, int(fine_steps), options)
+    fit_info = {}
+    with torch.no_grad():
+        if fn.kind == "iia":
+            variant = VARIANT_BY_NAME[sampler]
+            depth = variant.max_depth if history is None else int(history)
+            if not 0 <= depth <= variant.max_depth:
+                raise ValueError(f"{sampler} supports history depth 0 to {variant.max_depth}, got {depth}")
+            params, before, after, fallback = _fit_iia(run, sampler, teacher, target, depth, ridge,
+                                                       solver_options, fit_info)
+        else:
+            params, before, after, fallback = _fit_amed(run, sampler, teacher, target, afs, solver_options,
+                                                        fit_info)
+        endpoint, strength = None, 1.0
+        if validate and held:
+            if target == "local":  # the local fit never ran the teacher end to end: do it for the held-out share
+                for i in range(run.n_steps):
+                    teacher.advance(i, held)
+            candidates = [(st, options) for st in STRENGTHS]
+            if user_options != options:  # the plain sampler as the user would run it is a candidate too
+                candidates.append((0.0, user_options))
+            endpoint = _endpoint_check(run, sampler, params, fn.kind, teacher.endpoint(), candidates, fam)
+            ranked = sorted(range(len(candidates)), key=lambda k: (list(endpoint.values())[k], -candidates[k][0]))
+            strength, options = candidates[ranked[0]]
+            if strength != 1.0:
+                params = _scaled(params, fn.kind, strength)
+            if strength == 0.0:
+                fallback = torch.ones_like(fallback)
+    elapsed = time.perf_counter() - started
+    meta = dict(info or {})
+    meta.update({
+        "fine_steps": int(fine_steps), "target": target, "teacher": f"{fn.base} x {int(fine_steps)} sub-steps",
+        "batch": int(noise.shape[0]), "conditions": len(conditions), "holdout": holdout,
+        "chunk_size": int(chunk_size), "model_evaluations_per_sample": run.sample_evaluations / noise.shape[0],
+        "model_calls": run.model_calls, "seconds": round(elapsed, 3), "strength": strength,
+        "endpoint_rmse_held_out": None if not endpoint else [
+            {"strength": st, "options": dict(opts), "rmse": v} for (st, opts), v in endpoint.items()],
+        **{k: v for k, v in fit_info.items()},
+    })
+    if fn.kind == "iia":
+        meta["history"] = int(params["coeffs"].shape[1] // VARIANT_BY_NAME[sampler].n_terms - 1)
+    return Calibration(sampler, sigmas, params, family=fam.name, shift=fam.shift, options=options, info=meta,
+                       residual_before=before, residual_after=after, fallback=fallback)
