@@ -1,0 +1,220 @@
+"""Tiny learned models on scikit-learn's digits (16x16): the project's real networks with real errors.
+
+``load("digits-eps")`` is a class-conditional UNet trained for eps-prediction on SD1.x's discrete schedule
+(1000 steps, scaled-linear betas 0.00085-0.012), wrapped like k-diffusion's ``DiscreteEpsDDPMDenoiser``:
+``model(x, sigma, cond=labels, cfg=scale)`` returns the denoised x0 for x = x0 + sigma * n, with classifier-free
+guidance through the null class 10 (cond and uncond in one batched call, as ComfyUI does). ``load("digits-flow")``
+is the same network trained as a rectified flow (x = (1 - t) x0 + t n, velocity prediction, like SD3/Flux).
+``load_classifier()`` is a small digit CNN whose penultimate features give a Frechet distance.
+Weights are committed next to this file; ``benchmarks/train_tiny.py`` made them (seeded). Pure torch.
+"""
+import hashlib
+import math
+import os
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NULL_CLASS = 10
+IMAGE_SHAPE = (1, 16, 16)
+# sha256 of the committed weight files; tests check them so a silently changed file is caught.
+SHA256 = {
+    "digits-eps": "23e6c41b3d494ae7d7f0f94f9a69c49a60b5e48d3a0679827833bc64172c1dca",
+    "digits-classifier": "c7fff5fa874b5c1aab9d07aef1e8e344f2fbd914260af15f7017a4285ca56741",
+}
+
+
+def weight_path(name):
+    return os.path.join(HERE, f"{name}.safetensors")
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def timestep_embedding(t, dim):
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, emb_dim):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class UNet(nn.Module):
+    """A small class-conditional UNet for 16x16 single-channel images (16 -> 8 -> 4)."""
+
+    def __init__(self, channels=(32, 64, 96), emb_dim=128, n_classes=10):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.emb_dim = emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(n_classes + 1, emb_dim)
+        self.conv_in = nn.Conv2d(1, c1, 3, padding=1)
+        self.down1 = ResBlock(c1, c1, emb_dim)
+        self.pool1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.down2 = ResBlock(c2, c2, emb_dim)
+        self.pool2 = nn.Conv2d(c2, c3, 3, stride=2, padding=1)
+        self.mid1, self.mid2 = ResBlock(c3, c3, emb_dim), ResBlock(c3, c3, emb_dim)
+        self.up2 = ResBlock(c3 + c2, c2, emb_dim)
+        self.up1 = ResBlock(c2 + c1, c1, emb_dim)
+        self.norm_out, self.conv_out = nn.GroupNorm(8, c1), nn.Conv2d(c1, 1, 3, padding=1)
+
+    def forward(self, x, t, labels):
+        """``t`` is the timestep in [0, 1000) (flow: 1000 * t); ``labels`` 0-9, or 10 for the null class."""
+        emb = self.time_mlp(timestep_embedding(t, self.emb_dim)) + self.class_emb(labels)
+        h1 = self.down1(self.conv_in(x), emb)
+        h2 = self.down2(self.pool1(h1), emb)
+        h = self.mid2(self.mid1(self.pool2(h2), emb), emb)
+        h = self.up2(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), h2], 1), emb)
+        h = self.up1(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), h1], 1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiscreteSchedule:
+    """SD1.x's schedule: 1000 steps, scaled-linear betas 0.00085-0.012; sigma = sqrt((1 - abar) / abar)."""
+
+    def __init__(self):
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def sigma_min(self):
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self):
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma):
+        """Continuous timestep by interpolation in log sigma, as k-diffusion's DiscreteSchedule does."""
+        log_sigma = sigma.to(torch.float64).log()
+        dists = log_sigma[:, None] - self.log_sigmas[None]
+        low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=len(self.sigmas) - 2)
+        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
+        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        return (1 - w) * low + w * (low + 1)
+
+
+def _labels(cond, n, device):
+    if cond is None:
+        return torch.full((n,), NULL_CLASS, dtype=torch.long, device=device)
+    labels = torch.as_tensor(cond, dtype=torch.long, device=device).reshape(-1)
+    return labels.expand(n) if labels.numel() == 1 else labels
+
+
+class _Denoiser(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def raw(self, x, sigma, labels):
+        raise NotImplementedError
+
+    def forward(self, x, sigma, cond=None, cfg=1.0, **unused):
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        labels = _labels(cond, x.shape[0], x.device)
+        xf = x.float()
+        if cfg == 1.0 or cond is None:
+            out = self.raw(xf, sigma, labels)
+        else:
+            both = self.raw(torch.cat([xf, xf]), torch.cat([sigma, sigma]),
+                            torch.cat([labels, torch.full_like(labels, NULL_CLASS)]))
+            cond_out, uncond_out = both.chunk(2)
+            out = uncond_out + cfg * (cond_out - uncond_out)
+        return out.to(x.dtype)
+
+
+class DigitsEps(_Denoiser):
+    """eps-prediction on the discrete SD1.x schedule, k-diffusion coordinates (family "eps")."""
+    family = "eps"
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.schedule = DiscreteSchedule()
+        self.sigma_min, self.sigma_max = self.schedule.sigma_min, self.schedule.sigma_max
+
+    def raw(self, x, sigma, labels):
+        s = sigma.double()
+        t = self.schedule.sigma_to_t(s).float()
+        s = s.float()[:, None, None, None]
+        eps = self.net(x / (s ** 2 + 1) ** 0.5, t, labels)
+        return x - s * eps
+
+
+class DigitsFlow(_Denoiser):
+    """Rectified flow (x = (1 - t) x0 + t n, velocity n - x0), sigma = t in (0, 1] (family "flow")."""
+    family = "flow"
+    sigma_min, sigma_max = 1e-3, 1.0
+
+    def raw(self, x, sigma, labels):
+        t = sigma.float()
+        v = self.net(x, 1000 * t, labels)
+        return x - t[:, None, None, None] * v
+
+
+class Classifier(nn.Module):
+    """A small CNN for 16x16 digits; ``features`` (64-d, penultimate) serve the Frechet distance."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(64 * 16, 64), nn.SiLU())
+        self.head = nn.Linear(64, 10)
+
+    def features(self, x):
+        return self.body(x.float())
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _load_state(module, name):
+    from safetensors.torch import load_file
+    path = weight_path(name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; run `python benchmarks/train_tiny.py {name}` to make it")
+    module.load_state_dict(load_file(path))
+    return module.eval().requires_grad_(False)
+
+
+def load(name):
+    """``digits-eps`` or ``digits-flow`` as a k-diffusion-style denoiser ``model(x, sigma, cond=, cfg=)``."""
+    if name == "digits-eps":
+        return DigitsEps(_load_state(UNet(), name))
+    if name == "digits-flow":
+        return DigitsFlow(_load_state(UNet(), name))
+    raise ValueError(f"unknown tiny model {name!r}; choose 'digits-eps' or 'digits-flow'")
+
+
+def load_classifier():
+    return _load_state(Classifier(), "digits-classifier")
+
+
+def digits_data():
+    """scikit-learn's bundled digits upscaled to 16x16 in [-1, 1], and their labels (needs scikit-learn)."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16 * 2 - 1
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).clamp(-1, 1)
+    return x, torch.tensor(d.target, dtype=torch.long)
