@@ -218,3 +218,17 @@ def digits_data():
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16 * 2 - 1
     x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).clamp(-1, 1)
     return x, torch.tensor(d.target, dtype=torch.long)
+
+
+def save_grid(rows, path, scale=3, pad=2):
+    """Write rows of 16x16 images (each a (N, 1, 16, 16) tensor in [-1, 1]) as one PNG, cells separated by gaps."""
+    from PIL import Image
+    n_cols = max(r.shape[0] for r in rows)
+    h, w = IMAGE_SHAPE[1] + pad, IMAGE_SHAPE[2] + pad
+    canvas = torch.full((len(rows) * h + pad, n_cols * w + pad), 0.35)
+    for i, r in enumerate(rows):
+        for j, img in enumerate(r):
+            canvas[pad + i * h: pad + i * h + IMAGE_SHAPE[1], pad + j * w: pad + j * w + IMAGE_SHAPE[2]] = \
+                (img[0].float().clamp(-1, 1) + 1) / 2
+    arr = (canvas * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
