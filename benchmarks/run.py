@@ -140,6 +140,24 @@ class Setting:
         return self.refs[end]
 
 
+def _proc_status(key):
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak():
+    """Reset the kernel's peak-RSS counter; returns the resident size now (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status("VmRSS")
+
+
 def rmse(a, b):
     return float((a.double() - b.double()).pow(2).mean().sqrt())
 
@@ -197,16 +215,19 @@ def run_setting(st, evals, cal_evals, K, comfy, digits, log):
             sig = st.bed.sigmas(*found)
             x, base_sec = st.sample(SAMPLERS[name], sig, **fam)
             base_times[name] = base_sec
-            t0 = time.perf_counter()
             cal_noise = st.noise(sig, 0, st.n_cal)
+            start_rss = reset_peak()
+            t0 = time.perf_counter()
             cal = calibrate(st.bed.model, sig, name, cal_noise, st.conditions, chunk_size=64, **fam)
             cal_seconds = time.perf_counter() - t0
+            peak = _proc_status("VmHWM")
+            peak_mib = (peak - start_rss) / 2 ** 20 if peak and start_rss else float("nan")
             x, sec = st.sample(SAMPLERS[name], sig, calibration=cal, **fam)
             m = record(f"{name} (calibrated)", n, x, sec, sig, base_seconds=base_sec)
             cal_rows.append({"sampler": name, "evaluations": n, "seconds": cal_seconds,
                              "evaluations_per_noise": cal.info["model_evaluations_per_sample"],
                              "strength": cal.info["strength"], "fallback_steps": int(cal.fallback.sum()),
-                             "steps": cal.steps, "time_ratio": m["time_ratio"]})
+                             "steps": cal.steps, "time_ratio": m["time_ratio"], "peak_mib": peak_mib})
     return rows, cal_rows
 
 
@@ -318,15 +339,18 @@ def write_markdown(path, results, cal_rows, heads, command, machine, elapsed, gr
                                  (f" ({m['accuracy']:.2f})" if "accuracy" in m else ""))
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Calibrations", "", "Wall time, model evaluations per calibration noise, chosen strength, steps "
-              "that fell back, and sampling wall time with the calibration as a ratio to the same sampler "
-              "without it (same run).", "",
-              "| setting | sampler | evals | seconds | evaluations per noise | strength | fell back | time ratio |",
-              "|---|---|---|---|---|---|---|---|"]
+              "that fell back, peak resident memory above the start of the calibration (process RSS; batch "
+              "64 noises, chunk 64), and sampling wall time with the calibration as a ratio to the same sampler "
+              "without it (one timing each, same run: noisy at this size; benchmarks/speed.py measures it "
+              "properly).", "",
+              "| setting | sampler | evals | seconds | evaluations per noise | strength | fell back | peak MiB | "
+              "time ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for st_name, rows in cal_rows.items():
         for r in rows:
             lines.append(f"| {st_name} | {r['sampler']} | {r['evaluations']} | {r['seconds']:.1f} | "
                          f"{r['evaluations_per_noise']:.0f} | {r['strength']} | {r['fallback_steps']}/{r['steps']} | "
-                         f"{r['time_ratio']:.2f} |")
+                         f"{r['peak_mib']:.1f} | {r['time_ratio']:.2f} |")
     if grid_names:
         lines += ["", "## Image grid (digits-eps cfg 5)", "", "![grid](grid.png)", "",
                   "Rows, top to bottom: " + "; ".join(grid_names) + ". Columns: the same noise for classes 0-9."]
@@ -334,47 +358,67 @@ def write_markdown(path, results, cal_rows, heads, command, machine, elapsed, gr
         f.write("\n".join(lines) + "\n")
 
 
+def run_one(job):
+    """One setting, in its own process when --jobs > 1 (one thread each: small batches scale better so)."""
+    model_name, cfg, evals, cal_evals, n_test, n_cal, threads, out = job
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    K = load_k_diffusion_sampling()
+    comfy = load_comfy(os.environ.get("COMFYUI_PATH"))
+    is_digits = model_name.startswith("digits")
+    st = Setting(model_name, cfg, n_test if is_digits else 128, n_cal, 100)
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    t0 = time.perf_counter()
+    rows, crows = run_setting(st, evals, cal_evals, K, comfy, Digits() if is_digits else None, log)
+    plot_setting(st.name, rows, os.path.join(out, f"{st.name.replace(' ', '_')}.png"))
+    grid_names = None
+    if model_name == "digits-eps" and cfg == 5.0:
+        grid_names = image_grid(st, os.path.join(out, "grid.png"))
+    log(f"{st.name}: {(time.perf_counter() - t0) / 60:.1f} min")
+    return st.name, rows, crows, grid_names
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer counts and noises, to check the plumbing")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=2, help="settings run in parallel processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--out", default=HERE)
     p.add_argument("--only", nargs="+", help="settings to run, e.g. 'digits-eps:5' 'analytic-edm:1'")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
     started = time.perf_counter()
     evals = [3, 4, 5, 6, 8, 10, 15, 20] if not args.quick else [4, 5, 10]
     cal_evals = [3, 4, 5, 6, 8, 10] if not args.quick else [5, 10]
     n_test, n_cal = (60, 64) if not args.quick else (20, 40)
-    K = load_k_diffusion_sampling()
-    comfy = load_comfy(os.environ.get("COMFYUI_PATH"))
-    digits = Digits()
-    log_lines = []
-
-    def log(s):
-        print(s, flush=True)
-        log_lines.append(s)
-
-    settings = [("digits-eps", 1.0), ("digits-eps", 5.0), ("digits-flow", 1.0), ("analytic-edm", 1.0)]
+    # heaviest first, so two workers finish together
+    settings = [("digits-eps", 5.0), ("digits-eps", 1.0), ("digits-flow", 1.0), ("analytic-edm", 1.0)]
     if args.only:
         settings = [(s.split(":")[0], float(s.split(":")[1])) for s in args.only]
-    grid_names = None
-    results, cal_rows, heads = {}, {}, []
-    for model_name, cfg in settings:
-        st = Setting(model_name, cfg, n_test if model_name.startswith("digits") else 128, n_cal, 100)
-        rows, crows = run_setting(st, evals, cal_evals, K, comfy,
-                                  digits if model_name.startswith("digits") else None, log)
-        results[st.name] = (rows, evals)
-        cal_rows[st.name] = crows
-        heads += headline(st.name, rows, cal_evals)
-        plot_setting(st.name, rows, os.path.join(args.out, f"{st.name.replace(' ', '_')}.png"))
-        if model_name == "digits-eps" and cfg == 5.0:
-            grid_names = image_grid(st, os.path.join(args.out, "grid.png"))
+    jobs = [(m, c, evals, cal_evals, n_test, n_cal, args.threads, args.out) for m, c in settings]
+    if args.jobs > 1:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.map(run_one, jobs, chunksize=1)
+    else:
+        done = [run_one(j) for j in jobs]
+    order = {f"{m}" + f" cfg {c:g}": k for k, (m, c) in enumerate(
+        [("digits-eps", 1.0), ("digits-eps", 5.0), ("digits-flow", 1.0), ("analytic-edm", 1.0)])}
+    done.sort(key=lambda d: order.get(d[0], 99))
+    results, cal_rows, heads, grid_names = {}, {}, [], None
+    for name, rows, crows, names in done:
+        results[name] = (rows, evals)
+        cal_rows[name] = crows
+        heads += headline(name, rows, cal_evals)
+        grid_names = grid_names or names
     for h in heads:
-        log(h)
+        print(h)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-              f"{args.threads} threads"
+              f"{args.jobs} processes x {args.threads} thread(s)"
     command = "bash benchmarks/run.sh" + (" --quick" if args.quick else "")
     write_markdown(os.path.join(args.out, "BENCHMARKS.md"), results, cal_rows, heads, command, machine,
                    time.perf_counter() - started, grid_names)
