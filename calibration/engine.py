@@ -250,8 +250,7 @@ def _solve(gram, ridge):
     return torch.linalg.solve(gram.G + ridge * scale * torch.eye(k, dtype=torch.float64), gram.r)
 
 
-def _fit_iia(run, method, teacher, target, depth, ridge, options, fit_info):
-    variant = VARIANT_BY_NAME[method]
+def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info):
     step_fn = B.BASE_STEPS[variant.base][0]
     n_coeffs = variant.n_terms * (depth + 1)
     coeffs = torch.zeros(run.n_steps, n_coeffs, dtype=torch.float64)
@@ -508,7 +507,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         # measured worse end to end (analytic testbed, 8 evaluations), so calibrate on exact variable weights
         options["variable_step"] = True
     afs = bool(options.get("afs", False))
-    solver_options = {k: v for k, v in options.items() if k != "afs"}
+    solver_options = {k: v for k, v in options.items() if k not in ("afs", "basis")}
     started = time.perf_counter()
     run = _Run(model, sigmas, noise, conditions, fam, int(chunk_size), holdout, storage_device, progress, cancel)
     n_chunks = len(run.chunks)
@@ -525,11 +524,11 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     fit_info = {}
     with torch.no_grad():
         if fn.kind == "iia":
-            variant = VARIANT_BY_NAME[sampler]
+            variant = VARIANT_BY_NAME[sampler].with_basis(options.get("basis"))
             depth = variant.max_depth if history is None else int(history)
             if not 0 <= depth <= variant.max_depth:
                 raise ValueError(f"{sampler} supports history depth 0 to {variant.max_depth}, got {depth}")
-            params, before, after, fallback = _fit_iia(run, sampler, teacher, target, depth, ridge,
+            params, before, after, fallback = _fit_iia(run, variant, teacher, target, depth, ridge,
                                                        solver_options, fit_info)
         else:
             params, before, after, fallback = _fit_amed(run, sampler, teacher, target, afs, solver_options,
@@ -561,6 +560,6 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         **{k: v for k, v in fit_info.items()},
     })
     if fn.kind == "iia":
-        meta["history"] = int(params["coeffs"].shape[1] // VARIANT_BY_NAME[sampler].n_terms - 1)
+        meta["history"] = int(params["coeffs"].shape[1] // variant.n_terms - 1)
     return Calibration(sampler, sigmas, params, family=fam.name, shift=fam.shift, options=options, info=meta,
                        residual_before=before, residual_after=after, fallback=fallback)

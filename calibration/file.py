@@ -109,7 +109,7 @@ def validate(cal, where="calibration"):
         if coeffs.ndim != 2:
             _fail(where, f"coeffs must be (steps, basis) but is {tuple(coeffs.shape)}")
         try:
-            VARIANT_BY_NAME[cal.method].depth(coeffs.shape[1])
+            VARIANT_BY_NAME[cal.method].with_basis(cal.options.get("basis")).depth(coeffs.shape[1])
         except ValueError as e:
             _fail(where, str(e))
     else:

@@ -16,9 +16,23 @@ from .registry import register
 
 
 class Variant:
-    def __init__(self, name, base, terms, n_terms, max_depth, doc):
+    def __init__(self, name, base, terms, n_terms, max_depth, doc, other_bases=None):
         self.name, self.base, self.terms, self.n_terms, self.max_depth, self.doc = (
             name, base, terms, n_terms, max_depth, doc)
+        self.other_bases = dict(other_bases or {})  # basis name -> (terms, n_terms, max_depth)
+
+    @property
+    def bases(self):
+        return ["default"] + sorted(self.other_bases)
+
+    def with_basis(self, basis):
+        """This variant with another of its bases (the ``basis`` solver option), or itself for None/"default"."""
+        if basis in (None, "default"):
+            return self
+        if basis not in self.other_bases:
+            raise CalibrationMismatch(f"{self.name} has no basis {basis!r}; choose one of {self.bases}")
+        terms, n_terms, max_depth = self.other_bases[basis]
+        return Variant(self.name, self.base, terms, n_terms, max_depth, self.doc)
 
     def depth(self, n_columns):
         depth, rem = divmod(n_columns, self.n_terms)
@@ -66,6 +80,14 @@ def _edm_terms(q, prev, family):
     return [q["x"] - q["D"], _diff(q.get("D2"), q["D"])]
 
 
+def _ddim_paper_terms(q, prev, family):
+    return [q["D"], family.eps(q["x"], q["D"], q["s"])]
+
+
+def _direction_terms(q, prev, family):
+    return [q["d"]]
+
+
 def _pndm_terms(q, prev, family):
     if prev is None:
         return [None, None]
@@ -74,7 +96,8 @@ def _pndm_terms(q, prev, family):
 
 VARIANTS = [
     Variant("iia_ddim", "euler", _ddim_terms, 2, 0,
-            "IIA-DDIM: Euler/DDIM plus the x0- and eps-differences with the previous step."),
+            "IIA-DDIM: Euler/DDIM plus the x0- and eps-differences with the previous step.",
+            {"paper": (_ddim_paper_terms, 2, 1)}),
     Variant("iia_ddim_cfg", "euler", _cfg_terms, 1, 0,
             "IIA-DDIM for guided sampling: one coefficient on the guided eps."),
     Variant("iia_dpmpp_2m", "dpmpp_2m", _state_terms, 2, 1,
@@ -84,9 +107,11 @@ VARIANTS = [
     Variant("iia_edm", "heun", _edm_terms, 2, 1,
             "IIA-EDM: Heun plus x - D and D' - D of this (and the previous) step."),
     Variant("iia_ipndm", "ipndm", _pndm_terms, 2, 0,
-            "IIA-iPNDM: iPNDM plus the differences of its combined x0 and direction."),
+            "IIA-iPNDM: iPNDM plus the differences of its combined x0 and direction.",
+            {"paper": (_direction_terms, 1, 3)}),
     Variant("iia_spndm", "spndm", _pndm_terms, 2, 0,
-            "IIA-SPNDM: S-PNDM plus the differences of its combined x0 and direction."),
+            "IIA-SPNDM: S-PNDM plus the differences of its combined x0 and direction.",
+            {"paper": (_direction_terms, 1, 1)}),
 ]
 
 
@@ -110,14 +135,15 @@ def make_sampler(variant):
         fam = Family.of(family, shift)
         sig = sigma_list(sigmas)
         options = merge_options(calibration, options)
+        v = variant.with_basis(options.pop("basis", None))
         params = calibration_params(calibration, variant.name, sig, fam, ["coeffs"])
         adjust = None
         if params is not None:
             coeffs = params["coeffs"]
-            depth = variant.depth(len(coeffs[0]))
+            depth = v.depth(len(coeffs[0]))
 
             def adjust(x_next, q, hist, i):
-                for k, (c, g) in enumerate(zip(coeffs[i], variant.basis(q, hist, fam, depth))):
+                for k, (c, g) in enumerate(zip(coeffs[i], v.basis(q, hist, fam, depth))):
                     if c == 0:
                         continue
                     if g is None:

@@ -231,3 +231,21 @@ def test_flow_family_calibrates():
     tuned = rmse(SAMPLERS["iia_dpmpp_2m"](MIXTURE.flow(), test, sig, disable=True, family="flow", calibration=cal), ref)
     print(f"flow iia_dpmpp_2m 6 steps: {base:.4f} -> {tuned:.4f}")
     assert tuned < base
+
+
+@pytest.mark.parametrize("name,basis,history,n_terms", [("iia_ddim", "paper", 1, 2), ("iia_ipndm", "paper", 3, 1),
+                                                        ("iia_spndm", "paper", 1, 1)])
+def test_the_papers_bases_are_an_option(name, basis, history, n_terms, tmp_path):
+    """The basis choice travels in the file: the sampler rebuilds the same basis from the options."""
+    sig = schedule(name, 6)
+    cal = calibrate(MIXTURE.edm(), sig, name, FIT_NOISE, family="edm", basis=basis, history=history)
+    assert cal.options["basis"] == basis and cal.params["coeffs"].shape[1] == n_terms * (history + 1)
+    cal.save(tmp_path / "c.safetensors")
+    loaded = load(tmp_path / "c.safetensors")
+    ref = reference(sig)
+    base = rmse(SAMPLERS[name](MIXTURE.edm(), TEST_NOISE, sig, disable=True), ref)
+    tuned = rmse(SAMPLERS[name](MIXTURE.edm(), TEST_NOISE, sig, disable=True, calibration=loaded), ref)
+    print(f"{name} basis={basis} history={history} at 6 evaluations: {base:.4f} -> {tuned:.4f} ({tuned / base:.2f})")
+    assert tuned < base
+    with pytest.raises(Exception, match="basis"):
+        calibrate(MIXTURE.edm(), sig, name, FIT_NOISE[:16], family="edm", basis="nonsense")
