@@ -22,6 +22,7 @@ IMAGE_SHAPE = (1, 16, 16)
 # sha256 of the committed weight files; tests check them so a silently changed file is caught.
 SHA256 = {
     "digits-eps": "23e6c41b3d494ae7d7f0f94f9a69c49a60b5e48d3a0679827833bc64172c1dca",
+    "digits-flow": "9119a5b9c5b51b86dab03d8a197199790ee0d3b21f6cc21cf78d6a31eb717d5a",
     "digits-classifier": "c7fff5fa874b5c1aab9d07aef1e8e344f2fbd914260af15f7017a4285ca56741",
 }
 
