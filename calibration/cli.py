@@ -26,17 +26,11 @@ class Testbed:
 
     def sigmas(self, steps, zero=True):
         """Karras sigmas (rho 7) for VE-type families; for flow, t uniform in (0, 1] with the model's shift."""
+        from ..tests.analytic import flow_sigmas, karras
         if self.family == "flow":
-            t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-            sig = self.shift * t / (1 + (self.shift - 1) * t)
-            if not zero:
-                sig = torch.cat([sig[:-1], sig.new_tensor([self.sigma_min])])
-            return sig
-        n = steps if zero else steps + 1
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-        lo, hi = self.sigma_min ** (1 / 7), self.sigma_max ** (1 / 7)
-        sig = (hi + ramp * (lo - hi)) ** 7
-        return torch.cat([sig, sig.new_zeros(1)]) if zero else sig
+            sig = flow_sigmas(steps, shift=self.shift)
+            return sig if zero else torch.cat([sig[:-1], sig.new_tensor([self.sigma_min])])
+        return karras(steps if zero else steps + 1, self.sigma_min, self.sigma_max, zero=zero)
 
     def noise(self, n, seed, sigmas):
         """Initial states for ``n`` seeds: sigma_max * N(0, I), or pure noise for flow (sigma_0 = 1)."""

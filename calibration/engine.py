@@ -11,9 +11,10 @@ the states sampling will see). At step i every noise takes the sampler's step an
 The batch is split into a fitting share and a held-out share (``holdout``), per condition. The fit sees only
 the fitting share; the held-out share decides every choice the fit makes (the IIA ridge, AMED's search result)
 and whether a step's correction is kept at all: a step that does not lower the held-out residual falls back
-to the base update. At the end the held-out share is sampled end to end with the calibration at full and half
-strength and without it, against the teacher's endpoint, and the best of the three is kept (so a
-calibration never makes its own held-out noises worse).
+to the base update. At the end the held-out share is sampled end to end against the teacher's endpoint with
+the calibration at each of ``STRENGTHS`` (0 is the base solver; for ``amed_ipndm``, whose fit changes a solver
+option, the base solver with the caller's options is a candidate too), and the best is kept (so a calibration
+never makes its own held-out noises worse).
 
 Memory: per-sample states (the current state, the step history, the teacher) live on ``storage_device``;
 the model only ever sees ``chunk_size`` samples at a time and the statistics are accumulated chunk by chunk
@@ -115,7 +116,7 @@ class _Run:
         self.model, self.family = model, family
         self.sig = sigma_list(sigmas)
         self.n_steps = len(self.sig) - 1
-        x, self.in_dtype = prepare(noise)
+        x = prepare(noise)[0]
         self.device = x.device
         self.storage = torch.device(storage_device) if storage_device is not None else x.device
         self.sigmas = sigmas.detach().to(self.device)
@@ -123,7 +124,6 @@ class _Run:
         self.x0 = self.x.clone()
         self.conditions = conditions
         self.chunks = _chunks(x.shape[0], len(conditions), holdout, chunk_size)
-        self.holdout = holdout
         self.progress, self.cancel = progress, cancel
         self.done, self.total = 0, 0
         self.sample_evaluations = 0
@@ -137,8 +137,7 @@ class _Run:
         self.sample_evaluations += ev.calls * chunk.n
 
     def tick(self):
-        if self.cancel is not None and self.cancel():
-            raise CalibrationCancelled("calibration cancelled; nothing was saved")
+        self.check_cancel()
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
@@ -201,7 +200,7 @@ class _Teacher:
         return out
 
     def endpoint(self):
-        """The teacher's final states over the whole batch (None where it did not run)."""
+        """The teacher's final states over the whole batch (NaN where it did not run)."""
         if len(self.states) != len(self.run.chunks):
             x = torch.full_like(self.run.x0, float("nan"))
         else:
@@ -277,7 +276,7 @@ def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info):
                 g[:, k] = _flat(basis[k])
             (held if ch.held_out else fit).add(g, _flat(y - xb))
             x_base.append(xb.to(run.storage))
-            records.append([{k: (v.to(run.storage) if torch.is_tensor(v) else v) for k, v in q.items()}])
+            records.append(_take([q], slice(None), run.storage))
             run.tick()
         c = torch.zeros(n_coeffs, dtype=torch.float64)
         chosen = None
@@ -306,11 +305,8 @@ def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info):
         for j, ch in enumerate(run.chunks):
             xb = x_base[j].to(run.device)
             if c.abs().sum() > 0:
-                q = _take([q_all], ch.sl, run.device)[0]
-                basis = variant.basis(q, _take(hist, ch.sl, run.device), run.family, depth)
-                for k, g in enumerate(basis):
-                    if c[k] != 0:
-                        xb = xb + float(c[k]) * g
+                xb = variant.correct(xb, c.tolist(), _take([q_all], ch.sl, run.device)[0],
+                                     _take(hist, ch.sl, run.device), run.family, depth, i)
             new_x.append(xb.to(run.storage))
         remember(hist, q_all)
         run.x = torch.cat(new_x)
@@ -413,8 +409,7 @@ def _fit_amed(run, method, teacher, target, afs, options, fit_info):
             if B_ is None:
                 last[1 if ch.held_out else 0].add(A_, torch.zeros_like(A_), ys[j].to(run.device))
             new_x.append((A_ if B_ is None else A_ + c * B_).to(run.storage))
-            recs.append([{k: (v.to(run.storage) if torch.is_tensor(v) else v) for k, v in q.items()}
-                         for q in records])
+            recs.append(_take(records, slice(None), run.storage))
             run.tick()
         if s_next == 0:
             before[i] = after[i] = (last[1] if last[1].n else last[0]).mse(0.0)
@@ -436,23 +431,24 @@ def _scaled(params, kind, strength):
 
 
 def _endpoint_check(run, method, params, kind, teacher_end, candidates, family):
-    """Held-out endpoint RMSE against the teacher for each candidate (strength, options); {candidate: rmse}."""
+    """Held-out endpoint RMSE against the teacher for each candidate (strength, options), in order."""
     held = [ch for ch in run.chunks if ch.held_out]
     fn = SAMPLERS[method]
-    out = {}
+    out = []
     for strength, options in candidates:
         cal = _scaled(params, kind, strength) if strength else None
+        evaluations = fn.evaluations(run.sigmas, **options)
         err, count = 0.0, 0
         for ch in held:
             x = run.x0[ch.sl].to(run.device)
             end = fn(run.model, x, run.sigmas, extra_args=run.conditions[ch.group], disable=True, calibration=cal,
                      family=family.name, shift=family.shift, **options)
-            run.model_calls += fn.evaluations(run.sigmas, **options)
-            run.sample_evaluations += fn.evaluations(run.sigmas, **options) * ch.n
+            run.model_calls += evaluations
+            run.sample_evaluations += evaluations * ch.n
             err += float((_flat(end) - _flat(teacher_end[ch.sl].to(run.device))).pow(2).sum())
             count += end.numel()
             run.tick()
-        out[(strength, tuple(sorted(options.items())))] = math.sqrt(err / count)
+        out.append(math.sqrt(err / count))
     return out
 
 
@@ -541,9 +537,10 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
             candidates = [(st, options) for st in STRENGTHS]
             if user_options != options:  # the plain sampler as the user would run it is a candidate too
                 candidates.append((0.0, user_options))
-            endpoint = _endpoint_check(run, sampler, params, fn.kind, teacher.endpoint(), candidates, fam)
-            ranked = sorted(range(len(candidates)), key=lambda k: (list(endpoint.values())[k], -candidates[k][0]))
-            strength, options = candidates[ranked[0]]
+            errors = _endpoint_check(run, sampler, params, fn.kind, teacher.endpoint(), candidates, fam)
+            endpoint = [{"strength": st, "options": dict(opts), "rmse": e}
+                        for (st, opts), e in zip(candidates, errors)]
+            strength, options = candidates[min(range(len(candidates)), key=lambda k: (errors[k], -candidates[k][0]))]
             if strength != 1.0:
                 params = _scaled(params, fn.kind, strength)
             if strength == 0.0:
@@ -555,9 +552,8 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         "batch": int(noise.shape[0]), "conditions": len(conditions), "holdout": holdout,
         "chunk_size": int(chunk_size), "model_evaluations_per_sample": run.sample_evaluations / noise.shape[0],
         "model_calls": run.model_calls, "seconds": round(elapsed, 3), "strength": strength,
-        "endpoint_rmse_held_out": None if not endpoint else [
-            {"strength": st, "options": dict(opts), "rmse": v} for (st, opts), v in endpoint.items()],
-        **{k: v for k, v in fit_info.items()},
+        "endpoint_rmse_held_out": endpoint,
+        **fit_info,
     })
     if fn.kind == "iia":
         meta["history"] = int(params["coeffs"].shape[1] // variant.n_terms - 1)

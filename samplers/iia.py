@@ -42,6 +42,18 @@ class Variant:
                 f"{self.max_depth + 1} steps, got {n_columns} per step")
         return depth - 1
 
+    def correct(self, x_next, coeffs, q, hist, family, depth, step):
+        """``x_next + sum_k coeffs[k] * g_k``; a nonzero coefficient on a missing basis vector is an error."""
+        for k, (c, g) in enumerate(zip(coeffs, self.basis(q, hist, family, depth))):
+            if c == 0:
+                continue
+            if g is None:
+                raise CalibrationMismatch(
+                    f"{self.name} step {step}: coefficient {k} is {c:g} but its basis vector does not "
+                    "exist at this step (no history or no second evaluation); the file is inconsistent")
+            x_next = x_next + c * g
+        return x_next
+
     def basis(self, q, hist, family, depth):
         records = [q] + list(reversed(hist))
         out = []
@@ -143,15 +155,7 @@ def make_sampler(variant):
             depth = v.depth(len(coeffs[0]))
 
             def adjust(x_next, q, hist, i):
-                for k, (c, g) in enumerate(zip(coeffs[i], v.basis(q, hist, fam, depth))):
-                    if c == 0:
-                        continue
-                    if g is None:
-                        raise CalibrationMismatch(
-                            f"{variant.name} step {i}: coefficient {k} is {c:g} but its basis vector does not "
-                            "exist at this step (no history or no second evaluation); the file is inconsistent")
-                    x_next = x_next + c * g
-                return x_next
+                return v.correct(x_next, coeffs[i], q, hist, fam, depth, i)
 
         return run(partial(step_fn, **options), model, x, sigmas, extra_args, callback, disable, fam, adjust)
 
