@@ -13,12 +13,23 @@ import subprocess
 import sys
 
 
-def _status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(key)
+def proc_status(key):
+    """A size from /proc/self/status in bytes (VmRSS, VmHWM...), or None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak():
+    """Reset the kernel's peak-RSS counter; returns the resident size now (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return proc_status("VmRSS")
 
 
 def child(spec):
@@ -33,16 +44,14 @@ def child(spec):
     warm = bed.noise(spec["chunk"], 1, sig)
     bed.model(warm, torch.full((spec["chunk"],), float(sig[0])), **cond[0])
     noise = bed.noise(spec["batch"], 0, sig) if spec["batch"] else None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status("VmRSS")
+    before = reset_peak()
     if spec["batch"]:
         calibrate(bed.model, sig, spec["sampler"], noise, cond, family=bed.family, shift=bed.shift,
                   chunk_size=spec["chunk"])
     else:
         x = bed.noise(spec["chunk"], 2, sig)
         bed.model(x, torch.full((spec["chunk"],), float(sig[1])), **cond[0])
-    print(json.dumps({"peak_above_start": _status("VmHWM") - before}))
+    print(json.dumps({"peak_above_start": proc_status("VmHWM") - before}))
 
 
 def measure(spec):

@@ -29,30 +29,15 @@ from calibrated_samplers.calibration import calibrate  # noqa: E402
 from calibrated_samplers.calibration.cli import testbed  # noqa: E402
 from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations  # noqa: E402
 from calibrated_samplers.tests.kdiffusion import load_k_diffusion_sampling  # noqa: E402
+from memory import proc_status, reset_peak  # noqa: E402  (benchmarks/memory.py, beside this script)
 
 CALIBRATED = [n for n, f in SAMPLERS.items() if f.kind != "plain"]
 # uncalibrated samplers of this pack that are not already a k-diffusion sampler (the rest reduce to one)
 PACK_PLAIN = {"ipndm (pack)": ("iia_ipndm", {}), "spndm (pack)": ("iia_spndm", {}), "gddim (pack)": ("gddim", {})}
-K_SAMPLERS = {"euler": 1, "heun": 2, "dpm_2": 2, "lms": 1, "dpmpp_2m": 1}
+# k-diffusion samplers, each with this pack's sampler of the same evaluation count (for its schedule)
+K_SAMPLERS = {"euler": "iia_ddim", "heun": "iia_edm", "dpm_2": "amed_dpm_2", "lms": "iia_ipndm",
+              "dpmpp_2m": "iia_dpmpp_2m"}
 COMFY_SAMPLERS = ["ipndm", "ipndm_v", "deis", "uni_pc", "res_multistep", "gradient_estimation"]
-
-
-def k_evaluations(name, sig):
-    n = len(sig) - 1
-    if K_SAMPLERS[name] == 2:
-        return 2 * n - (1 if float(sig[-1]) == 0 else 0)
-    return n
-
-
-def k_schedule(name, evaluations):
-    for zero in (True, False):
-        for steps in range(1, evaluations + 2):
-            sig = torch.linspace(10.0, 1.0, steps + (0 if zero else 1))
-            if zero:
-                sig = torch.cat([sig, sig.new_zeros(1)])
-            if k_evaluations(name, sig) == evaluations:
-                return steps, zero
-    return None
 
 
 def load_comfy(path):
@@ -140,24 +125,6 @@ class Setting:
         return self.refs[end]
 
 
-def _proc_status(key):
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-    except (OSError, StopIteration):
-        return None
-
-
-def reset_peak():
-    """Reset the kernel's peak-RSS counter; returns the resident size now (Linux; None elsewhere)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _proc_status("VmRSS")
-
-
 def rmse(a, b):
     return float((a.double() - b.double()).pow(2).mean().sqrt())
 
@@ -182,20 +149,17 @@ def run_setting(st, evals, cal_evals, K, comfy, digits, log):
 
     for n in evals:
         base_times = {}
-        for name in K_SAMPLERS:
-            found = k_schedule(name, n)
+        for name, twin in K_SAMPLERS.items():
+            found = steps_for_evaluations(twin, n)
             if found is None:
                 continue
             sig = st.bed.sigmas(*found)
-            fn = getattr(K, f"sample_{name}")
-            x, sec = st.sample(lambda m, x, s, extra_args, disable: fn(m, x, s, extra_args=extra_args, disable=disable),
-                               sig)
+            x, sec = st.sample(getattr(K, f"sample_{name}"), sig)
             record(f"{name} (k-diffusion)", n, x, sec, sig)
         for name, cfn in comfy.items():
             sig = st.bed.sigmas(n)
             try:
-                x, sec = st.sample(lambda m, x, s, extra_args, disable: cfn(m, x, s, extra_args=extra_args,
-                                                                            disable=disable), sig)
+                x, sec = st.sample(cfn, sig)
                 record(f"{name} (ComfyUI)", n, x, sec, sig)
             except Exception as e:  # noqa: BLE001
                 log(f"  ComfyUI {name}: {e}")
@@ -220,7 +184,7 @@ def run_setting(st, evals, cal_evals, K, comfy, digits, log):
             t0 = time.perf_counter()
             cal = calibrate(st.bed.model, sig, name, cal_noise, st.conditions, chunk_size=64, **fam)
             cal_seconds = time.perf_counter() - t0
-            peak = _proc_status("VmHWM")
+            peak = proc_status("VmHWM")
             peak_mib = (peak - start_rss) / 2 ** 20 if peak and start_rss else float("nan")
             x, sec = st.sample(SAMPLERS[name], sig, calibration=cal, **fam)
             m = record(f"{name} (calibrated)", n, x, sec, sig, base_seconds=base_sec)
@@ -285,10 +249,8 @@ def image_grid(st, path, evals=(4, 5, 6), pairs=(("dpmpp_2m", "iia_dpmpp_2m"), (
                 sig = st.bed.sigmas(*found)
                 x, _ = st.sample(SAMPLERS["iia_ipndm"], sig, **fam)
             else:
-                sig = st.bed.sigmas(*k_schedule(builtin, n))
-                fn = getattr(K, f"sample_{builtin}")
-                x, _ = st.sample(lambda m, x, s, extra_args, disable: fn(m, x, s, extra_args=extra_args,
-                                                                         disable=disable), sig)
+                sig = st.bed.sigmas(*steps_for_evaluations(K_SAMPLERS[builtin], n))
+                x, _ = st.sample(getattr(K, f"sample_{builtin}"), sig)
             rows.append(x[pick])
             names.append(f"{builtin} {n}")
             sig = st.bed.sigmas(*steps_for_evaluations(cal_name, n))

@@ -123,8 +123,8 @@ class DiscreteSchedule:
 
     def __init__(self, beta_start=0.00085, beta_end=0.012, n=1000):
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
-        alphas_cumprod = torch.cumprod(1 - betas, 0)
-        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.log_sigmas = self.sigmas.log()
 
     @property

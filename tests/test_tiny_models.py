@@ -4,6 +4,7 @@ import torch
 
 from calibrated_samplers.samplers import SAMPLERS
 from calibrated_samplers.tests import tiny
+from calibrated_samplers.tests.analytic import flow_sigmas, karras
 
 MODELS = [m for m in ("digits-eps", "digits-flow") if m in tiny.SHA256]
 
@@ -25,11 +26,9 @@ def test_generates_digits_the_classifier_recognises(name):
     labels = torch.arange(10).repeat(3)
     x = torch.randn(30, *tiny.IMAGE_SHAPE, generator=torch.Generator().manual_seed(11))
     if model.family == "flow":
-        sig = torch.linspace(1, 0, 51, dtype=torch.float64)
+        sig = flow_sigmas(50, shift=1.0)
     else:
-        ramp = torch.linspace(0, 1, 50, dtype=torch.float64)
-        sig = (model.sigma_max ** (1 / 7) + ramp * (model.sigma_min ** (1 / 7) - model.sigma_max ** (1 / 7))) ** 7
-        sig = torch.cat([sig, sig.new_zeros(1)])
+        sig = karras(50, model.sigma_min, model.sigma_max)
         x = x * float(sig[0])
     out = SAMPLERS["iia_dpmpp_2m"](model, x, sig, extra_args={"cond": labels, "cfg": 3.0}, disable=True,
                                    family=model.family)

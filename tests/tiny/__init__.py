@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..analytic import DiscreteSchedule  # SD1.x's schedule; sigma_to_t interpolates in log sigma like k-diffusion
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 NULL_CLASS = 10
 IMAGE_SHAPE = (1, 16, 16)
@@ -86,33 +88,6 @@ class UNet(nn.Module):
         h = self.up2(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), h2], 1), emb)
         h = self.up1(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), h1], 1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class DiscreteSchedule:
-    """SD1.x's schedule: 1000 steps, scaled-linear betas 0.00085-0.012; sigma = sqrt((1 - abar) / abar)."""
-
-    def __init__(self):
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        self.log_sigmas = self.sigmas.log()
-
-    @property
-    def sigma_min(self):
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self):
-        return float(self.sigmas[-1])
-
-    def sigma_to_t(self, sigma):
-        """Continuous timestep by interpolation in log sigma, as k-diffusion's DiscreteSchedule does."""
-        log_sigma = sigma.to(torch.float64).log()
-        dists = log_sigma[:, None] - self.log_sigmas[None]
-        low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=len(self.sigmas) - 2)
-        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
-        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
-        return (1 - w) * low + w * (low + 1)
 
 
 def _labels(cond, n, device):
