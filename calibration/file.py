@@ -76,6 +76,7 @@ class Calibration:
         os.close(fd)
         try:
             save_file(self.tensors(), tmp, metadata=self.metadata())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; calibrations are meant to be shared
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

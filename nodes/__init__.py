@@ -1,7 +1,8 @@
 """ComfyUI adapters over ``samplers`` and ``calibration``: the only place that imports ComfyUI.
 
-The Calibrate node, the sampler nodes and the KSampler dropdown registration are the ComfyUI-nodes issue;
-until they land the pack registers no nodes.
+Imported by the pack's ``__init__`` only inside ComfyUI; the modules import ``comfy`` lazily, so their logic
+is testable without it.
 """
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from .pack import mappings
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings()

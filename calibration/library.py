@@ -1,0 +1,104 @@
+"""A folder of calibration files, and the rules for picking one for a run (shared by the UI adapters).
+
+A file matches a run when its method, schedule (sigmas, within the samplers' tolerance), model family, model
+fingerprint and cfg all agree; among several matches the newest file wins. ``find`` also returns why each
+near miss was passed over, so a UI can tell the user what to calibrate instead of silently running the base.
+"""
+import os
+
+from ..samplers import CalibrationMismatch, Family
+from ..samplers._core import check_calibration
+from .file import CalibrationFileError, load
+from .identity import describe_difference
+
+CFG_TOLERANCE = 1e-3
+
+
+class ModelMismatch(ValueError):
+    """A calibration made for another model (checkpoint, prediction type, shift or LoRAs) than the one sampling."""
+
+
+def other_model(cal, fingerprint):
+    """None if ``cal`` was made for the model with this fingerprint dict, else how the two models differ."""
+    made_id = cal.info.get("fingerprint")
+    if made_id == fingerprint["id"]:
+        return None
+    return describe_difference(cal.info.get("fingerprint_detail", made_id), fingerprint)
+
+
+def check_model(cal, fingerprint, allow_other=False, name="calibration"):
+    """Raise ModelMismatch unless ``cal`` fits the model; with ``allow_other`` return the message instead."""
+    diff = other_model(cal, fingerprint)
+    message = diff and (f"{name} was made for another model ({diff}): calibrate this model with the Calibrate "
+                        "node, or allow other models if you know they sample alike")
+    if message and not allow_other:
+        raise ModelMismatch(message)
+    return message
+
+
+def cfg_mismatch(cal, cfg):
+    made = cal.info.get("cfg")
+    if cfg is None:
+        return None
+    if made is None:
+        return "records no cfg"
+    if abs(float(made) - float(cfg)) > CFG_TOLERANCE:
+        return f"was made for cfg {float(made):g}, this run uses cfg {float(cfg):g}"
+    return None
+
+
+class Library:
+    """Calibration files listed by ``list_paths()``, loaded once per (path, size, mtime)."""
+
+    def __init__(self, list_paths):
+        self._list_paths = list_paths
+        self._cache = {}
+
+    def entries(self):
+        """[(path, Calibration or CalibrationFileError)] for every listed file."""
+        out = []
+        for path in self._list_paths():
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            key = (path, st.st_size, st.st_mtime_ns)
+            if key not in self._cache:
+                try:
+                    self._cache[key] = load(path)
+                except CalibrationFileError as e:
+                    self._cache[key] = e
+            out.append((path, self._cache[key]))
+        return out
+
+    def find(self, method, sigmas, family, fingerprint, cfg=None):
+        """(Calibration, path, notes) for the newest matching file, or (None, None, notes) when none matches.
+
+        ``family``: a Family or name; ``fingerprint``: the model's fingerprint dict; ``cfg``: the run's cfg, or
+        None to accept any. ``notes``: one line per file of this method that did not match, saying why.
+        """
+        fam = Family.of(family)
+        sig = [float(s) for s in sigmas]
+        matches, notes = [], []
+        for path, cal in self.entries():
+            name = os.path.basename(path)
+            if isinstance(cal, Exception):
+                notes.append(f"{name}: unreadable ({cal})")
+                continue
+            if cal.method != method:
+                continue
+            try:
+                check_calibration(cal, method, sig, fam)
+            except CalibrationMismatch as e:
+                notes.append(f"{name}: {e}")
+                continue
+            diff = other_model(cal, fingerprint)
+            why = f"was made for another model ({diff})" if diff else cfg_mismatch(cal, cfg)
+            if why:
+                notes.append(f"{name}: {why}")
+                continue
+            matches.append((os.stat(path).st_mtime_ns, path, cal))
+        if not matches:
+            return None, None, notes
+        _, path, cal = max(matches, key=lambda m: (m[0], m[1]))
+        return cal, path, notes

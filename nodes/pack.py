@@ -1,0 +1,191 @@
+"""The pack's ComfyUI nodes, its models folder and its entries in the stock sampler lists."""
+import logging
+import os
+
+import torch
+
+from ..calibration import CalibrationCancelled, load
+from ..calibration.library import Library
+from ..calibration.picture import residual_image
+from ..samplers import SAMPLERS, Family
+from ..samplers._core import check_calibration
+from .declare import In, Node, build, v3_api
+from .runtime import (FOLDER, CalibrationJob, dropdown_sampler, latent_shape, make_guider, output_path,
+                      prompt_conds, sample_calibrated, sample_calibration_run)
+
+log = logging.getLogger("calibrated_samplers")
+CATEGORY = "sampling/custom_sampling/calibrated"
+CALIBRATED = [n for n, f in SAMPLERS.items() if f.kind != "plain"]
+
+
+def register_folder():
+    """models/calibrated_samplers, merged into a path list extra_model_paths.yaml may already have made."""
+    import folder_paths
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    paths, extensions = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
+    paths = list(paths) + ([default] if default not in paths else [])
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(extensions) | {".safetensors"})
+
+
+def calibration_files():
+    import folder_paths
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def library_paths():
+    import folder_paths
+    return [folder_paths.get_full_path(FOLDER, name) for name in calibration_files()]
+
+
+LIBRARY = Library(library_paths)
+
+
+def register_dropdown():
+    """Append the pack's samplers to KSampler's lists in place (once) and expose their sample_<name> functions."""
+    import comfy.k_diffusion.sampling as k_sampling
+    import comfy.samplers
+    added = []
+    for name in SAMPLERS:
+        existing = getattr(k_sampling, f"sample_{name}", None)
+        if existing is not None and not getattr(existing, "calibrated_samplers", False):
+            log.warning("[Calibrated Samplers] ComfyUI already has a sampler %r; the pack's is not listed", name)
+            continue
+        setattr(k_sampling, f"sample_{name}", dropdown_sampler(name, LIBRARY))
+        for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
+            if name not in names:
+                names.append(name)
+        added.append(name)
+    return added
+
+
+def comfy_version():
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except ImportError:
+        return "unknown"
+
+
+def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, batch_size, seed, filename,
+                   width, height, negative=None, latent=None, sigmas=None, chunk_size=8, overwrite=False):
+    import comfy.model_management as mm
+    import comfy.samplers
+    import comfy.utils
+    import folder_paths
+    path = output_path(folder_paths.get_folder_paths(FOLDER)[0], filename, overwrite)
+    if sigmas is None:
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        schedule = f"{scheduler}, {steps} steps"
+    else:
+        schedule = "SIGMAS input"
+    pairs = prompt_conds(positive, negative, cfg)
+    shape = latent_shape(model, width, height, latent)
+    noise = torch.randn((batch_size,) + shape, generator=torch.Generator().manual_seed(seed))
+    first = noise[:min(chunk_size, batch_size)].clone()
+    bar = []
+
+    def progress(done, total):
+        if not bar:
+            bar.append(comfy.utils.ProgressBar(total))
+        bar[0].update_absolute(done, total)
+
+    info = {"made_by": "ComfyUI Calibrate node", "comfyui": comfy_version(), "schedule": schedule, "seed": seed,
+            "prompts": len(pairs), "latent_shape": list(shape)}
+    job = CalibrationJob(method, noise, first, len(pairs), {"fine_steps": fine_steps, "chunk_size": chunk_size},
+                         info, progress, mm.processing_interrupted)
+    guider = make_guider(model, pairs, cfg)
+    sampler = comfy.samplers.KSAMPLER(sample_calibration_run, extra_options={"job": job})
+    try:
+        guider.sample(first, torch.zeros_like(first), sampler, sigmas, disable_pbar=True, seed=seed)
+    except CalibrationCancelled:
+        mm.throw_exception_if_processing_interrupted()
+        raise mm.InterruptProcessingException()
+    cal = job.result
+    cal.save(path)
+    gained = ""
+    if cal.residual_before is not None:
+        gained = f"; held-out residual {float(cal.residual_before.sum()):.4g} -> {float(cal.residual_after.sum()):.4g}"
+    log.info("[Calibrated Samplers] wrote %s (%s, %s%s)", path, method, schedule, gained)
+    return cal, cal.sigmas.to(torch.float32), residual_image(cal)[None]
+
+
+def sampler_node(calibration, allow_other_model=False, sigmas=None, label="calibration"):
+    import comfy.samplers
+    if sigmas is not None:
+        check_calibration(calibration, calibration.method, [float(s) for s in sigmas], Family.of(calibration.family))
+    sampler = comfy.samplers.KSAMPLER(sample_calibrated, extra_options={
+        "calibration": calibration, "allow_other_model": bool(allow_other_model), "label": label})
+    return sampler, calibration.sigmas.to(torch.float32)
+
+
+def sampler_from_file_node(calibration_file, allow_other_model=False, sigmas=None):
+    import folder_paths
+    cal = load(folder_paths.get_full_path_or_raise(FOLDER, calibration_file))
+    return (*sampler_node(cal, allow_other_model, sigmas, calibration_file), cal)
+
+
+def gddim_node(order, corrector, lam):
+    import comfy.samplers
+    return (comfy.samplers.KSAMPLER(dropdown_sampler("gddim", LIBRARY),
+                                    extra_options={"order": order, "corrector": corrector, "lam": lam}),)
+
+
+def scheduler_names():
+    import comfy.samplers
+    return comfy.samplers.SCHEDULER_NAMES
+
+
+ALLOW = In("allow_other_model", "BOOLEAN", False, tooltip="use the calibration even if it was made for another "
+           "model (checkpoint, LoRAs, prediction type); only when you know they sample alike")
+CHECK_SIGMAS = In("sigmas", "SIGMAS", optional=True, tooltip="sigmas from elsewhere, checked against the calibration's")
+
+NODES = [
+    Node("CalibratedSamplersCalibrate", "Calibrate sampler", CATEGORY,
+         "Fit a calibrated sampler to this model, schedule and cfg, and save it to models/calibrated_samplers. "
+         "Runs the model many times (batch size x the fine reference's steps); progress shows, Cancel writes nothing.",
+         [In("model", "MODEL"),
+          In("positive", "CONDITIONING", tooltip="the prompt(s) to calibrate on; several combined with "
+             "Conditioning (Combine) count as separate prompts"),
+          In("cfg", "FLOAT", 7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+             tooltip="calibrate at the cfg you will sample with (the file only matches that cfg)"),
+          In("method", "COMBO", "iia_dpmpp_2m", options=CALIBRATED),
+          In("scheduler", "COMBO", "karras", options=scheduler_names),
+          In("steps", "INT", 8, min=1, max=200, tooltip="sampler steps (AMED and Heun-type methods take 2 "
+             "evaluations per step)"),
+          In("fine_steps", "INT", 10, min=1, max=100, tooltip="reference sub-steps per step (more: slower, closer fit)"),
+          In("batch_size", "INT", 32, min=2, max=4096, tooltip="noises to calibrate on; a quarter is held out "
+             "to check each step's correction"),
+          In("seed", "INT", 0, min=0, max=0xFFFFFFFFFFFFFFFF),
+          In("filename", "STRING", "my_model_calibration", tooltip="saved as models/calibrated_samplers/<name>.safetensors"),
+          In("width", "INT", 512, min=16, max=16384, step=8),
+          In("height", "INT", 512, min=16, max=16384, step=8),
+          In("negative", "CONDITIONING", optional=True, tooltip="needed unless cfg is 1"),
+          In("latent", "LATENT", optional=True, tooltip="gives the latent shape instead of width/height "
+             "(needed for video models); its content is not used"),
+          In("sigmas", "SIGMAS", optional=True, tooltip="a custom schedule instead of scheduler/steps"),
+          In("chunk_size", "INT", 8, optional=True, min=1, max=1024, tooltip="samples per model call: lower it "
+             "if you run out of memory; the result does not depend on it"),
+          In("overwrite", "BOOLEAN", False, optional=True)],
+         [("CALIBRATION", "calibration"), ("SIGMAS", "sigmas"), ("IMAGE", "residuals")],
+         calibrate_node, output_node=True),
+    Node("CalibratedSamplersSampler", "Calibrated sampler", CATEGORY,
+         "SAMPLER and SIGMAS for SamplerCustom(Advanced) from a CALIBRATION.",
+         [In("calibration", "CALIBRATION"), ALLOW, CHECK_SIGMAS],
+         [("SAMPLER", "sampler"), ("SIGMAS", "sigmas")], sampler_node),
+    Node("CalibratedSamplersSamplerFromFile", "Calibrated sampler (file)", CATEGORY,
+         "SAMPLER and SIGMAS for SamplerCustom(Advanced) from a file in models/calibrated_samplers.",
+         [In("calibration_file", "COMBO", options=calibration_files), ALLOW, CHECK_SIGMAS],
+         [("SAMPLER", "sampler"), ("SIGMAS", "sigmas"), ("CALIBRATION", "calibration")], sampler_from_file_node),
+    Node("CalibratedSamplersGDDIM", "gDDIM sampler", CATEGORY,
+         "gDDIM (exponential-integrator multistep, ICLR 2023): needs no calibration.",
+         [In("order", "INT", 2, min=1, max=4), In("corrector", "BOOLEAN", True),
+          In("lam", "FLOAT", 0.0, min=0.0, max=1.0, step=0.05, tooltip="0: deterministic; 1: DDPM-like noise")],
+         [("SAMPLER", "sampler")], gddim_node),
+]
+
+
+def mappings():
+    """Register the folder and the dropdown entries, then build the node classes (V3 where available)."""
+    register_folder()
+    register_dropdown()
+    return build(NODES, v3_api())

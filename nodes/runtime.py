@@ -1,0 +1,246 @@
+"""What the nodes do inside ComfyUI's sampling: read the model's family and identity, pick or fit a calibration.
+
+Everything here takes ComfyUI's objects as arguments and imports ``comfy`` only inside the functions that
+construct ComfyUI classes, so the logic is testable with stand-ins.
+"""
+import logging
+import os
+import re
+
+import torch
+
+from ..calibration import CalibrationCancelled, calibrate
+from ..calibration.identity import fingerprint, tensor_digest
+from ..calibration.library import cfg_mismatch, check_model
+from ..samplers import SAMPLERS, Family
+
+log = logging.getLogger("calibrated_samplers")
+FOLDER = "calibrated_samplers"
+# ComfyUI's model_sampling mixins, most specific first (EDM subclasses V_PREDICTION subclasses EPS)
+PREDICTIONS = (("CONST", "flow"), ("EDM", "edm"), ("V_PREDICTION", "v"), ("X0", "x0"), ("EPS", "eps"))
+
+
+def prediction_of(model_sampling):
+    names = {c.__name__ for c in type(model_sampling).__mro__}
+    for cls_name, prediction in PREDICTIONS:
+        if cls_name in names:
+            return prediction
+    return type(model_sampling).__name__.lower()  # x = x0 + sigma * n in ComfyUI unless CONST
+
+
+def family_of(model_sampling):
+    """The samplers' Family for a ComfyUI model_sampling object: CONST is flow (with its shift), all else ve."""
+    if prediction_of(model_sampling) == "flow":
+        return Family("flow", float(getattr(model_sampling, "shift", 1.0)))
+    return Family("ve")
+
+
+def _first_tensor(obj, depth=0):
+    if torch.is_tensor(obj):
+        return obj
+    if depth > 4:
+        return None
+    items = obj if isinstance(obj, (list, tuple)) else getattr(obj, "weights", None)
+    for item in items if isinstance(items, (list, tuple)) else ():
+        t = _first_tensor(item, depth + 1)
+        if t is not None:
+            return t
+    return None
+
+
+def model_fingerprint(patcher):
+    """The calibration.identity fingerprint of a ComfyUI ModelPatcher: the unpatched weights plus its patches."""
+    base = patcher.model
+    model_sampling = patcher.get_model_object("model_sampling")
+    prefix = "diffusion_model."
+    backup = getattr(patcher, "backup", None) or {}  # original weights of keys a patch has replaced in place
+    named = []
+    for k, t in base.diffusion_model.state_dict().items():
+        if t.ndim == 1:
+            saved = backup.get(prefix + k)
+            named.append((k, saved.weight if saved is not None else t))
+    patches = []
+    for key, entries in sorted((getattr(patcher, "patches", None) or {}).items()):
+        for entry in entries:
+            t = _first_tensor(entry[1])
+            patches.append(f"{key}|{float(entry[0]):g}|{float(entry[2]):g}|{type(entry[1]).__name__}|"
+                           f"{tensor_digest(t) if t is not None else '-'}")
+    family = family_of(model_sampling)
+    return fingerprint(named, prediction_of(model_sampling), family.name, family.shift, patches,
+                       model=type(getattr(base, "model_config", base)).__name__,
+                       sigma_min=float(getattr(model_sampling, "sigma_min", 0.0)),
+                       sigma_max=float(getattr(model_sampling, "sigma_max", 0.0)))
+
+
+def run_context(model):
+    """(model patcher, model_sampling, Family, cfg) for the denoiser a ComfyUI sampler function receives."""
+    guider = getattr(model, "inner_model", None)
+    patcher = getattr(guider, "model_patcher", None)
+    if patcher is None:
+        raise RuntimeError("calibrated samplers run inside ComfyUI's sampling (KSampler, SamplerCustom...): "
+                           "the model they were given has no model patcher")
+    model_sampling = patcher.get_model_object("model_sampling")
+    cfg = getattr(guider, "cfg", None)
+    return patcher, model_sampling, family_of(model_sampling), (None if cfg is None else float(cfg))
+
+
+def _schedule_text(sigmas):
+    sig = [float(s) for s in sigmas]
+    return f"{len(sig) - 1} steps, sigmas {sig[0]:.4g} ... {sig[-1]:.4g}"
+
+
+def no_calibration_message(name, sigmas, cfg, notes):
+    fn = SAMPLERS[name]
+    cfg_text = "any cfg" if cfg is None else f"cfg {cfg:g}"
+    lines = [f"[Calibrated Samplers] {name}: no calibration in models/{FOLDER} matches this model, "
+             f"{_schedule_text(sigmas)} and {cfg_text}; running the UNCALIBRATED {fn.base} solver. "
+             f"To calibrate: run the 'Calibrate sampler' node on this model with method {name}, the same "
+             f"scheduler and steps, and {cfg_text}."]
+    lines += [f"    passed over {n}" for n in notes[:8]]
+    return "\n".join(lines)
+
+
+def dropdown_sampler(name, library):
+    """The function ComfyUI's KSampler calls for ``name``: finds the matching saved calibration, or warns."""
+    fn = SAMPLERS[name]
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        patcher, _, family, cfg = run_context(model)
+        calibration = None
+        if fn.kind != "plain":
+            calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(patcher), cfg)
+            if calibration is None:
+                log.warning(no_calibration_message(name, sigmas, cfg, notes))
+            else:
+                log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                  calibration=calibration, family=family.name, shift=family.shift, **options)
+
+    sample.__name__ = f"sample_{name}"
+    sample.calibrated_samplers = True
+    sample.__doc__ = f"{name} for ComfyUI's sampler lists: uses the saved calibration matching the run."
+    return sample
+
+
+def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=None, calibration=None,
+                      allow_other_model=False, label="calibration", **options):
+    """The SAMPLER function of the calibrated-sampler nodes: one given calibration, checked against the model."""
+    patcher, _, family, cfg = run_context(model)
+    message = check_model(calibration, model_fingerprint(patcher), allow_other_model, label)
+    if message:
+        log.warning("[Calibrated Samplers] %s (allowed by allow_other_model)", message)
+    why = cfg_mismatch(calibration, cfg)
+    if why:
+        log.warning("[Calibrated Samplers] %s %s: the correction may not fit; calibrate at this cfg", label, why)
+    return SAMPLERS[calibration.method](model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                       calibration=calibration, family=family.name, shift=family.shift, **options)
+
+
+class CalibrationJob:
+    """What the Calibrate node hands its sampler function, and what comes back."""
+
+    def __init__(self, method, noise, first_noise, prompts, fit_options, info, progress=None, cancel=None):
+        self.method, self.noise, self.first_noise, self.prompts = method, noise, first_noise, prompts
+        self.fit_options, self.info, self.progress, self.cancel = fit_options, info, progress, cancel
+        self.result = None
+
+
+def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, disable=None, job=None):
+    """A SAMPLER function that calibrates instead of sampling, so ComfyUI's guider prepares model and prompts.
+
+    ComfyUI gives it the first ``first_noise`` samples already scaled to sigmas[0]; the scale of a zero latent
+    is linear in the noise, so the whole batch is scaled the same way here (the guider only ever sees a batch
+    of ``chunk_size``, which keeps ComfyUI's memory estimate to what one model call needs).
+    """
+    first = job.first_noise.to(x.device, torch.float64)
+    scale = (x.to(torch.float64) * first).sum() / (first * first).sum()
+    states = (job.noise.to(x.device, torch.float64) * scale).to(x.dtype)
+    patcher, _, family, cfg = run_context(model)
+    guider = model.inner_model
+    fp = model_fingerprint(patcher)
+
+    def denoiser(xs, sigma, prompt=0, **kwargs):
+        guider.active_prompt = prompt
+        return model(xs, sigma, **kwargs)
+
+    conditions = [dict(extra_args or {}, prompt=k) for k in range(job.prompts)]
+    info = dict(job.info, cfg=cfg, fingerprint=fp["id"], fingerprint_detail=fp)
+    job.result = calibrate(denoiser, sigmas, job.method, states, conditions, family=family.name, shift=family.shift,
+                           progress=job.progress, cancel=job.cancel, info=info, **job.fit_options)
+    return x
+
+
+def prompt_conds(positive, negative, cfg):
+    """One (positive, negative) conditioning pair per prompt: each entry of ``positive`` is a prompt.
+
+    ``negative`` pairs entry by entry when it has as many entries, else applies whole to every prompt.
+    """
+    if not positive:
+        raise ValueError("Calibrate needs a positive CONDITIONING (a text encode of a typical prompt, or several "
+                         "combined with Conditioning (Combine) to calibrate over many prompts)")
+    if negative is None and abs(cfg - 1.0) > 1e-9:
+        raise ValueError(f"cfg is {cfg:g} but no negative CONDITIONING is connected: connect one, or set cfg to 1")
+    pairs = []
+    for k, entry in enumerate(positive):
+        if negative is None:
+            neg = None
+        elif len(negative) == len(positive):
+            neg = [negative[k]]
+        else:
+            neg = negative
+        pairs.append(([entry], neg))
+    return pairs
+
+
+def make_guider(model, pairs, cfg):
+    """A CFGGuider that holds every prompt's conditioning and samples with the one ``active_prompt`` names."""
+    import comfy.samplers
+
+    class PromptsGuider(comfy.samplers.CFGGuider):
+        active_prompt = 0
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+            k = self.active_prompt
+            return comfy.samplers.sampling_function(
+                self.inner_model, x, timestep, self.conds.get(f"negative_{k}"), self.conds.get(f"positive_{k}"),
+                self.cfg, model_options=model_options, seed=seed)
+
+    guider = PromptsGuider(model)
+    conds = {}
+    for k, (pos, neg) in enumerate(pairs):
+        conds[f"positive_{k}"] = pos
+        if neg is not None:
+            conds[f"negative_{k}"] = neg
+    guider.inner_set_conds(conds)
+    guider.set_cfg(cfg)
+    return guider
+
+
+def latent_shape(model, width, height, latent=None):
+    """Per-sample latent shape: the LATENT's if given, else the model's latent format at width x height."""
+    if latent is not None:
+        return tuple(latent["samples"].shape[1:])
+    fmt = model.get_model_object("latent_format")
+    dims = getattr(fmt, "latent_dimensions", 2)
+    if dims != 2:
+        raise ValueError(f"this model's latents are {dims}-D (video/audio): connect a LATENT from the model's "
+                         "empty-latent node to give the shape")
+    ratio = getattr(fmt, "spacial_downscale_ratio", 8)
+    return (int(fmt.latent_channels), max(1, height // ratio), max(1, width // ratio))
+
+
+SAFE_NAME = re.compile(r"^[\w][\w.\- ]*$")
+
+
+def output_path(folder, filename, overwrite):
+    """Where the Calibrate node writes; refuses path tricks and, unless ``overwrite``, existing files."""
+    name = filename.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not SAFE_NAME.match(name) or ".." in name:
+        raise ValueError(f"file name {filename!r} is not usable: use letters, digits, spaces, '.', '-' or '_' "
+                         "(no folders)")
+    path = os.path.join(folder, name + ".safetensors")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists: choose another file name, or turn on overwrite")
+    return path
