@@ -12,6 +12,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 
 # ComfyUI has imported its own ``comfy`` package before it loads custom nodes; anywhere else we stay inert.
 if "comfy" in sys.modules and "comfy.samplers" in sys.modules:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401,F811
+    from .nodes import mappings as _mappings
+
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _mappings()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

@@ -155,7 +155,7 @@ NODES = [
           In("fine_steps", "INT", 10, min=1, max=100, tooltip="reference sub-steps per step (more: slower, closer fit)"),
           In("batch_size", "INT", 32, min=2, max=4096, tooltip="noises to calibrate on; a quarter is held out "
              "to check each step's correction"),
-          In("seed", "INT", 0, min=0, max=0xFFFFFFFFFFFFFFFF),
+          In("seed", "INT", 0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
           In("filename", "STRING", "my_model_calibration", tooltip="saved as models/calibrated_samplers/<name>.safetensors"),
           In("width", "INT", 512, min=16, max=16384, step=8),
           In("height", "INT", 512, min=16, max=16384, step=8),

@@ -1,0 +1,325 @@
+"""The ComfyUI node logic without ComfyUI: fingerprints, the calibration library, the residual picture, the
+sampler functions ComfyUI calls, the Calibrate node's run, registration and both node APIs (stand-ins in
+tests/comfy_standins.py; tests/test_comfyui_integration.py runs the real server)."""
+import logging
+import os
+
+import pytest
+import torch
+
+from calibrated_samplers.calibration import Calibration, calibrate, load
+from calibrated_samplers.calibration.identity import fingerprint
+from calibrated_samplers.calibration.library import Library, ModelMismatch, check_model
+from calibrated_samplers.calibration.picture import residual_image
+from calibrated_samplers.nodes import declare, runtime
+from calibrated_samplers.samplers import SAMPLERS, CalibrationMismatch
+from calibrated_samplers.tests import comfy_standins as cs
+from calibrated_samplers.tests.analytic import karras
+
+SIGMAS = karras(6, 0.03, 14.6).float()
+
+
+def denoiser(patcher=None, cfg=3.0):
+    return cs.Denoiser(cs.Guider(patcher or cs.Patcher(), cfg))
+
+
+def fitted(method="iia_dpmpp_2m", patcher=None, cfg=3.0, sigmas=SIGMAS, n=24, **info):
+    """A calibration made through the same entry the Calibrate node uses, for ``patcher`` at ``cfg``."""
+    model = denoiser(patcher, cfg)
+    fp = runtime.model_fingerprint(model.inner_model.model_patcher)
+    noise = cs.MIXTURE.noise(n, seed=1, dtype=torch.float32) * float(sigmas[0])
+    return calibrate(model, sigmas, method, noise, fine_steps=4, info={"cfg": cfg, "fingerprint": fp["id"],
+                                                                        "fingerprint_detail": fp, **info})
+
+
+# ---------------------------------------------------------------------------------------------- identity
+def named(patcher):
+    return list(patcher.model.diffusion_model.state_dict().items())
+
+
+def test_fingerprint_ignores_storage_dtype_and_sees_weights_prediction_shift_and_patches():
+    p = cs.Patcher()
+    base = runtime.model_fingerprint(p)
+    half = cs.Patcher()
+    half.model.diffusion_model.half()
+    assert runtime.model_fingerprint(half)["id"] == base["id"]
+    assert runtime.model_fingerprint(cs.Patcher(seed=1))["id"] != base["id"]
+    assert runtime.model_fingerprint(cs.Patcher(cs.ModelSamplingContinuousEDM()))["id"] != base["id"]
+    assert (runtime.model_fingerprint(cs.Patcher(cs.ModelSamplingDiscreteFlow(3.0)))["id"]
+            != runtime.model_fingerprint(cs.Patcher(cs.ModelSamplingDiscreteFlow(1.0)))["id"])
+    lora = cs.Patcher()
+    lora.patches = {"diffusion_model.proj": [(0.8, ("lora", (torch.ones(2, 8), torch.ones(16, 2))), 1.0, None, None)]}
+    with_lora = runtime.model_fingerprint(lora)
+    assert with_lora["id"] != base["id"] and with_lora["patch_count"] == 1
+    with pytest.raises(ModelMismatch, match="different LoRAs"):
+        check_model(Calibration("iia_ddim", SIGMAS, {"coeffs": torch.zeros(6, 2)},
+                                info={"fingerprint": base["id"], "fingerprint_detail": base}), with_lora)
+
+
+def test_fingerprint_reads_the_unpatched_weight_when_a_patch_replaced_it_in_place():
+    p = cs.Patcher()
+    base = runtime.model_fingerprint(p)["id"]
+    original = p.model.diffusion_model.norm.detach().clone()
+    with torch.no_grad():
+        p.model.diffusion_model.norm += 1.0  # ComfyUI patches in place and keeps the original in .backup
+    assert runtime.model_fingerprint(p)["id"] != base
+    p.backup["diffusion_model.norm"] = type("Backup", (), {"weight": original})()
+    assert runtime.model_fingerprint(p)["id"] == base
+
+
+def test_fingerprint_hashes_only_one_dimensional_tensors_by_name():
+    a = fingerprint([("b", torch.ones(3)), ("w", torch.ones(3, 3))], "eps", "ve")
+    b = fingerprint([("w", torch.zeros(3, 3)), ("b", torch.ones(3, dtype=torch.float16))], "eps", "ve")
+    c = fingerprint([("b", torch.ones(3) * 2)], "eps", "ve")
+    assert a["id"] == b["id"] != c["id"] and a["tensors_hashed"] == 1
+
+
+def test_family_of_comfy_model_sampling_classes():
+    assert runtime.prediction_of(cs.ModelSamplingDiscrete()) == "eps"
+    assert runtime.prediction_of(cs.ModelSamplingContinuousEDM()) == "edm"
+    fam = runtime.family_of(cs.ModelSamplingDiscreteFlow(3.0))
+    assert (fam.name, fam.shift) == ("flow", 3.0)
+    assert runtime.family_of(cs.ModelSamplingContinuousEDM()).name == "ve"
+
+
+# ---------------------------------------------------------------------------------------------- library
+def test_library_picks_the_newest_match_and_says_why_others_missed(tmp_path):
+    p = cs.Patcher()
+    good = fitted(patcher=p)
+    good.save(tmp_path / "a_good.safetensors")
+    fitted(patcher=p).save(tmp_path / "b_newer.safetensors")
+    os.utime(tmp_path / "a_good.safetensors", ns=(1, 1))
+    fitted(patcher=p, cfg=5.0).save(tmp_path / "c_cfg.safetensors")
+    fitted(patcher=cs.Patcher(seed=7)).save(tmp_path / "d_other.safetensors")
+    fitted(patcher=p, sigmas=karras(5, 0.03, 14.6).float()).save(tmp_path / "e_steps.safetensors")
+    fitted("iia_ddim", patcher=p).save(tmp_path / "f_method.safetensors")
+    (tmp_path / "g_broken.safetensors").write_bytes(b"not a file")
+    lib = Library(lambda: sorted(str(f) for f in tmp_path.iterdir()))
+    fp = runtime.model_fingerprint(p)
+    cal, path, notes = lib.find("iia_dpmpp_2m", SIGMAS, "ve", fp, 3.0)
+    assert os.path.basename(path) == "b_newer.safetensors" and cal.method == "iia_dpmpp_2m"
+    text = "\n".join(notes)
+    assert "c_cfg.safetensors: was made for cfg 5" in text
+    assert "d_other.safetensors: was made for another model (different weights" in text
+    assert "e_steps.safetensors: calibration was made for 5 steps" in text
+    assert "g_broken.safetensors: unreadable" in text
+    assert "f_method" not in text
+    assert lib.find("iia_dpmpp_2m", SIGMAS, "flow", fp, 3.0)[0] is None  # family mismatch
+    assert lib.find("iia_dpmpp_2m", SIGMAS, "ve", fp, 4.0)[0] is None
+
+
+# ---------------------------------------------------------------------------------------------- picture
+def test_residual_image_draws_a_bar_pair_per_step_and_marks_fallbacks():
+    cal = Calibration("iia_ddim", SIGMAS, {"coeffs": torch.zeros(6, 2)},
+                      residual_before=torch.tensor([1.0, 0.5, 0.2, 0.1, 0.05, 0.01]),
+                      residual_after=torch.tensor([0.5, 0.4, 0.1, 0.1, 0.04, 0.01]),
+                      fallback=torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0]))
+    img = residual_image(cal, 600, 200)
+    assert img.shape == (200, 600, 3) and img.min() >= 0 and img.max() <= 1
+    green = (img - torch.tensor(cs_colour("GREEN"))).abs().sum(-1) < 1e-6
+    red = (img - torch.tensor(cs_colour("RED"))).abs().sum(-1) < 1e-6
+    assert red.any() and green.any()
+    red_columns = red.any(0).nonzero().flatten()
+    assert 300 <= red_columns.min() and red_columns.max() < 400  # the fourth of six slots
+    heights = green.sum(0)
+    assert heights[50:100].max() > heights[500:550].max()  # first step's after bar taller than the last's
+
+
+def cs_colour(name):
+    from calibrated_samplers.calibration import picture
+    return getattr(picture, name)
+
+
+# ---------------------------------------------------------------------------------------------- sampler functions
+def test_dropdown_sampler_uses_the_matching_file(tmp_path):
+    p = cs.Patcher()
+    cal = fitted(patcher=p)
+    cal.save(tmp_path / "mine.safetensors")
+    lib = Library(lambda: [str(tmp_path / "mine.safetensors")])
+    x = cs.MIXTURE.noise(4, seed=9, dtype=torch.float32) * float(SIGMAS[0])
+    model = denoiser(p)
+    seen = []
+    out = runtime.dropdown_sampler("iia_dpmpp_2m", lib)(model, x, SIGMAS, extra_args={"seed": 0},
+                                                        callback=seen.append, disable=True)
+    want = SAMPLERS["iia_dpmpp_2m"](denoiser(p), x, SIGMAS, calibration=load(tmp_path / "mine.safetensors"))
+    plain = SAMPLERS["iia_dpmpp_2m"](denoiser(p), x, SIGMAS)
+    assert torch.equal(out, want) and not torch.equal(out, plain)
+    assert len(seen) == 6 and {"x", "i", "sigma", "denoised"} <= set(seen[0])  # ComfyUI's previews hang off this
+
+
+def test_dropdown_sampler_without_a_match_runs_the_base_and_warns(tmp_path, caplog):
+    p = cs.Patcher()
+    fitted(patcher=p, cfg=5.0).save(tmp_path / "cfg5.safetensors")
+    lib = Library(lambda: [str(tmp_path / "cfg5.safetensors")])
+    x = cs.MIXTURE.noise(4, seed=9, dtype=torch.float32) * float(SIGMAS[0])
+    with caplog.at_level(logging.WARNING, logger="calibrated_samplers"):
+        out = runtime.dropdown_sampler("iia_dpmpp_2m", lib)(denoiser(p, cfg=3.0), x, SIGMAS)
+    assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](denoiser(p, cfg=3.0), x, SIGMAS))
+    assert "UNCALIBRATED dpmpp_2m" in caplog.text and "Calibrate sampler" in caplog.text
+    assert "cfg5.safetensors: was made for cfg 5" in caplog.text
+
+
+def test_dropdown_sampler_passes_the_flow_family():
+    p = cs.Patcher(cs.ModelSamplingDiscreteFlow(3.0))
+    sig = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
+    x = cs.MIXTURE.noise(3, seed=2, dtype=torch.float32)
+    out = runtime.dropdown_sampler("gddim", Library(list))(denoiser(p), x, sig)
+    assert torch.equal(out, SAMPLERS["gddim"](denoiser(p), x, sig, family="flow", shift=3.0))
+    assert not torch.equal(out, SAMPLERS["gddim"](denoiser(p), x, sig, family="ve"))
+
+
+def test_calibrated_sampler_refuses_another_models_file_unless_allowed(caplog):
+    cal = fitted(patcher=cs.Patcher(seed=3))
+    x = cs.MIXTURE.noise(2, seed=9, dtype=torch.float32) * float(SIGMAS[0])
+    with pytest.raises(ModelMismatch, match="mine.safetensors was made for another model"):
+        runtime.sample_calibrated(denoiser(), x, SIGMAS, calibration=cal, label="mine.safetensors")
+    with caplog.at_level(logging.WARNING, logger="calibrated_samplers"):
+        out = runtime.sample_calibrated(denoiser(cfg=4.0), x, SIGMAS, calibration=cal, allow_other_model=True)
+    assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](denoiser(cfg=4.0), x, SIGMAS, calibration=cal))
+    assert "allowed by allow_other_model" in caplog.text and "was made for cfg 3" in caplog.text
+    with pytest.raises(CalibrationMismatch, match="this run has 5"):
+        runtime.sample_calibrated(denoiser(patcher=cs.Patcher(seed=3)), x, karras(5, 0.03, 14.6), calibration=cal)
+
+
+def test_calibration_run_scales_the_whole_batch_like_comfy_and_walks_every_prompt():
+    """The SAMPLER function of the Calibrate node equals calibrate() on the batch scaled as ComfyUI scales noise."""
+    noise = cs.MIXTURE.noise(16, seed=4, dtype=torch.float32)
+    first = noise[:4].clone()
+    job = runtime.CalibrationJob("iia_ddim", noise, first, 2, {"fine_steps": 3, "chunk_size": 4}, {"seed": 4})
+    guider = cs.CFGGuider(cs.Patcher())
+    guider.set_cfg(2.0)
+    model = cs.Denoiser(guider)
+    scale = 4.0  # a power of two, so the scaled batch is exact in float32 and the comparison can be tight
+    runtime.sample_calibration_run(model, first * scale, SIGMAS, extra_args={"seed": 4}, job=job)
+    assert model.prompts_seen == {0, 1}
+    fp = runtime.model_fingerprint(guider.model_patcher)
+    assert job.result.info["fingerprint"] == fp["id"] and job.result.info["cfg"] == 2.0
+
+    def direct(x, sigma, prompt=0, **kw):
+        guider.active_prompt = prompt
+        return model(x, sigma, **kw)
+    want = calibrate(direct, SIGMAS, "iia_ddim", noise * scale, [{"seed": 4, "prompt": k} for k in range(2)],
+                     fine_steps=3, chunk_size=4)
+    assert torch.equal(job.result.params["coeffs"], want.params["coeffs"])
+
+
+def test_prompt_pairs_and_their_errors():
+    pos, neg = [["p0", {}], ["p1", {}]], [["n0", {}], ["n1", {}]]
+    assert runtime.prompt_conds(pos, neg, 5.0) == [([pos[0]], [neg[0]]), ([pos[1]], [neg[1]])]
+    assert runtime.prompt_conds(pos, neg[:1], 5.0) == [([pos[0]], neg[:1]), ([pos[1]], neg[:1])]
+    assert runtime.prompt_conds(pos, None, 1.0) == [([pos[0]], None), ([pos[1]], None)]
+    with pytest.raises(ValueError, match="no negative CONDITIONING"):
+        runtime.prompt_conds(pos, None, 5.0)
+    with pytest.raises(ValueError, match="needs a positive"):
+        runtime.prompt_conds([], neg, 5.0)
+
+
+def test_output_path_and_latent_shape(tmp_path):
+    assert runtime.output_path(str(tmp_path), "sd15 v2.safetensors", False) == str(tmp_path / "sd15 v2.safetensors")
+    for bad in ("../evil", "a/b", "", "..", "/abs"):
+        with pytest.raises(ValueError, match="not usable"):
+            runtime.output_path(str(tmp_path), bad, False)
+    (tmp_path / "taken.safetensors").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="turn on overwrite"):
+        runtime.output_path(str(tmp_path), "taken", False)
+    assert runtime.output_path(str(tmp_path), "taken", True).endswith("taken.safetensors")
+    p = cs.Patcher()
+    assert runtime.latent_shape(p, 512, 768) == (4, 96, 64)
+    assert runtime.latent_shape(p, 1, 1, {"samples": torch.zeros(1, 16, 5, 8, 8)}) == (16, 5, 8, 8)
+    video = cs.LatentFormat()
+    video.latent_dimensions = 3
+    with pytest.raises(ValueError, match="connect a LATENT"):
+        runtime.latent_shape(cs.Patcher(latent_format=video), 512, 512)
+
+
+# ---------------------------------------------------------------------------------------------- the pack in (stand-in) ComfyUI
+@pytest.fixture
+def comfy(monkeypatch, tmp_path):
+    return cs.install(monkeypatch, str(tmp_path))
+
+
+def test_dropdown_registration_appends_once_in_place_and_keeps_comfys_own(comfy, caplog):
+    from calibrated_samplers.nodes import pack
+    ksampler_names, sampler_names = comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES
+    comfy.k_sampling.sample_gddim = lambda *a, **k: None  # pretend ComfyUI grew its own "gddim"
+    with caplog.at_level(logging.WARNING, logger="calibrated_samplers"):
+        added = pack.register_dropdown()
+        pack.register_dropdown()
+    assert comfy.samplers.KSAMPLER_NAMES is ksampler_names and comfy.samplers.SAMPLER_NAMES is sampler_names
+    assert "gddim" not in added and "already has a sampler 'gddim'" in caplog.text
+    assert set(added) == set(SAMPLERS) - {"gddim"}
+    for names in (ksampler_names, sampler_names):
+        assert [n for n in names if n in SAMPLERS] == added  # once each, after ComfyUI's own
+    assert ksampler_names[:3] == ["euler", "dpmpp_2m", "ipndm"] and comfy.samplers.SCHEDULER_NAMES == ["simple", "karras", "normal"]
+    assert comfy.k_sampling.sample_iia_ddim.calibrated_samplers
+
+
+def test_models_folder_is_registered_and_merged(comfy, tmp_path):
+    from calibrated_samplers.nodes import pack
+    comfy.folder_paths.folder_names_and_paths["calibrated_samplers"] = (["/elsewhere"], {".bin"})
+    pack.register_folder()
+    pack.register_folder()
+    paths, exts = comfy.folder_paths.folder_names_and_paths["calibrated_samplers"]
+    assert paths == ["/elsewhere", str(tmp_path / "models" / "calibrated_samplers")]
+    assert exts == {".bin", ".safetensors"}
+
+
+def test_classic_nodes_declare_inputs_and_outputs(comfy):
+    from calibrated_samplers.nodes import pack
+    classes, names = declare.build(pack.NODES)
+    calib = classes["CalibratedSamplersCalibrate"]
+    types = calib.INPUT_TYPES()
+    assert list(types["required"])[:3] == ["model", "positive", "cfg"]
+    assert types["required"]["scheduler"][0] == ["simple", "karras", "normal"]
+    assert types["required"]["method"][0] == [n for n, f in SAMPLERS.items() if f.kind != "plain"]
+    assert types["required"]["seed"][1]["control_after_generate"] is True
+    assert set(types["optional"]) == {"negative", "latent", "sigmas", "chunk_size", "overwrite"}
+    assert calib.RETURN_TYPES == ("CALIBRATION", "SIGMAS", "IMAGE") and calib.OUTPUT_NODE
+    assert names["CalibratedSamplersCalibrate"] == "Calibrate sampler"
+    assert classes["CalibratedSamplersSampler"].RETURN_TYPES == ("SAMPLER", "SIGMAS")
+
+
+def test_calibrate_node_writes_a_file_the_sampler_nodes_use(comfy, tmp_path):
+    from calibrated_samplers.nodes import pack
+    pack.register_folder()
+    classes, _ = declare.build(pack.NODES)
+    patcher = cs.Patcher()
+    pos, neg = [["p0", {}], ["p1", {}]], [["n", {}]]
+    cal, sigmas, image = classes["CalibratedSamplersCalibrate"]().run(
+        model=patcher, positive=pos, negative=neg, cfg=2.0, method="iia_dpmpp_2m", scheduler="karras", steps=5,
+        fine_steps=3, batch_size=8, seed=3, filename="mine", width=32, height=32, chunk_size=4)
+    path = tmp_path / "models" / "calibrated_samplers" / "mine.safetensors"
+    saved = load(path)
+    assert torch.equal(saved.params["coeffs"], cal.params["coeffs"]) and saved.info["prompts"] == 2
+    assert saved.info["cfg"] == 2.0 and saved.info["schedule"] == "karras, 5 steps"
+    assert image.shape == (1, 320, 768, 3) and torch.equal(sigmas, cal.sigmas.float())
+    assert comfy.bars and comfy.bars[0].values[-1][0] == comfy.bars[0].values[-1][1]  # the bar reached its end
+    with pytest.raises(FileExistsError):
+        classes["CalibratedSamplersCalibrate"]().run(
+            model=patcher, positive=pos, negative=neg, cfg=2.0, method="iia_dpmpp_2m", scheduler="karras", steps=5,
+            fine_steps=3, batch_size=8, seed=3, filename="mine", width=32, height=32)
+    sampler, sig, loaded = classes["CalibratedSamplersSamplerFromFile"]().run(calibration_file="mine.safetensors")
+    assert sampler.extra_options["label"] == "mine.safetensors" and torch.equal(sig, sigmas)
+    with pytest.raises(CalibrationMismatch, match="5 steps, this run has 6"):
+        classes["CalibratedSamplersSampler"]().run(calibration=loaded, sigmas=karras(6, 0.03, 14.6))
+    x = cs.MIXTURE.noise(2, seed=1, dtype=torch.float32) * float(sig[0])
+    guider = cs.Guider(patcher, 2.0)
+    guider.active_prompt = 1
+    out = sampler.sampler_function(cs.Denoiser(guider), x, sig, **sampler.extra_options)
+    assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](cs.Denoiser(guider), x, sig, calibration=saved))
+
+
+def test_cancel_writes_nothing(monkeypatch, tmp_path):
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        return len(calls) > 2
+    cs.install(monkeypatch, str(tmp_path), interrupted)
+    from calibrated_samplers.nodes import pack
+    pack.register_folder()
+    with pytest.raises(cs.Interrupted):
+        pack.calibrate_node(cs.Patcher(), [["p", {}]], 1.0, "iia_ddim", "karras", 5, 3, 16, 0, "cancelled", 32, 32,
+                            chunk_size=4)
+    folder = tmp_path / "models" / "calibrated_samplers"
+    assert not folder.exists() or not list(folder.iterdir())
