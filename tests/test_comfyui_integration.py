@@ -1,0 +1,270 @@
+"""Against a real ComfyUI: the pack installed, the example workflows run through the HTTP API.
+
+Skipped unless COMFYUI_DIR names a ComfyUI checkout; COMFYUI_PYTHON is the Python that runs it (default: the
+one running pytest). The server starts with ``--cpu --base-directory <tmp>``: a temporary base whose
+custom_nodes/ holds this checkout and whose models/ links to COMFYUI_DIR/models (so nothing is written into
+your install), with a fresh, empty models/calibrated_samplers. Model files (tiny random-weight models are
+enough; README "Tests" says how to make them) are named by COMFYUI_SD15 (a checkpoint, default
+tiny_sd15.safetensors), COMFYUI_FLOW_UNET / COMFYUI_FLOW_CLIP / COMFYUI_FLOW_VAE (an SD3-style flow model,
+default tiny_sd3_mmdit / tiny_clip_l / tiny_taesd_16ch .safetensors).
+"""
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from calibrated_samplers.calibration import load
+from calibrated_samplers.samplers import SAMPLERS
+from calibrated_samplers.tests import comfy_workflows
+
+COMFY = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR (and COMFYUI_PYTHON) to test against a real ComfyUI")
+PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+REPO = comfy_workflows.ROOT
+SD15 = os.environ.get("COMFYUI_SD15", "tiny_sd15.safetensors")
+FLOW = {"unet": os.environ.get("COMFYUI_FLOW_UNET", "tiny_sd3_mmdit.safetensors"),
+        "clip": os.environ.get("COMFYUI_FLOW_CLIP", "tiny_clip_l.safetensors"),
+        "vae": os.environ.get("COMFYUI_FLOW_VAE", "tiny_taesd_16ch.safetensors")}
+SMALL = {"batch_size": 8, "fine_steps": 4}  # calibrations small enough for a 2-core CPU
+
+
+class Server:
+    def __init__(self, url, base, log):
+        self.url, self.base, self.log = url, base, log
+        self.folder = os.path.join(base, "models", "calibrated_samplers")
+
+    def http(self, method, path, body=None):
+        req = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                raw = r.read()
+                return r.status, raw
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def queue(self, prompt):
+        status, raw = self.http("POST", "/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        body = json.loads(raw)
+        if status != 200:
+            raise AssertionError(f"validation failed: {json.dumps(body, indent=1)[:3000]}")
+        return body["prompt_id"]
+
+    def wait(self, prompt_id, timeout=900):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            _, raw = self.http("GET", f"/history/{prompt_id}")
+            hist = json.loads(raw)
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                return hist[prompt_id]
+            time.sleep(0.3)
+        self.http("POST", "/interrupt")
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def run(self, prompt):
+        log_start = os.path.getsize(self.log)
+        entry = self.wait(self.queue(prompt))
+        with open(self.log, errors="replace") as f:
+            f.seek(log_start)
+            entry["log"] = f.read()
+        return entry
+
+    def image(self, entry, node):
+        from PIL import Image
+        import numpy as np
+        img = entry["outputs"][node]["images"][0]
+        _, raw = self.http("GET", f"/view?filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}")
+        return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.int16)
+
+
+def error_of(entry):
+    for kind, data in entry["status"].get("messages", []):
+        if kind in ("execution_error", "execution_interrupted"):
+            return kind, data
+    return None, None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("comfy_base"))
+    os.makedirs(os.path.join(base, "custom_nodes"))
+    os.symlink(REPO, os.path.join(base, "custom_nodes", "calibrated_samplers"))
+    os.makedirs(os.path.join(base, "models"))
+    for sub in os.listdir(os.path.join(COMFY, "models")):
+        if sub != "calibrated_samplers" and os.path.isdir(os.path.join(COMFY, "models", sub)):
+            os.symlink(os.path.join(COMFY, "models", sub), os.path.join(base, "models", sub))
+    port = free_port()
+    log = os.path.join(base, "server.log")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("COMFY_THREADS", "2"))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                 "--disable-auto-launch", "--disable-api-nodes", "--base-directory", base],
+                                cwd=COMFY, stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", base, log)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                if srv.http("GET", "/system_stats")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() - t0 > 240:
+                raise RuntimeError("ComfyUI did not start:\n" + open(log).read()[-4000:])
+            time.sleep(0.5)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def example(name, **calibrate):
+    """An example workflow (API source) pointed at the test models, with a small calibration."""
+    wf = comfy_workflows.sources()[name]
+    for node in wf.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = SD15
+        elif kind == "UNETLoader":
+            inputs["unet_name"] = FLOW["unet"]
+        elif kind == "CLIPLoader":
+            inputs.update(clip_name=FLOW["clip"], type="stable_diffusion")
+        elif kind == "VAELoader":
+            inputs["vae_name"] = FLOW["vae"]
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            inputs.update(width=64 if kind == "EmptyLatentImage" else 256, height=64 if kind == "EmptyLatentImage" else 256)
+        elif kind == "CalibratedSamplersCalibrate":
+            inputs.update(SMALL, width=64, height=64, **calibrate)
+    return wf
+
+
+@pytest.fixture(scope="module")
+def eps_run(server):
+    entry = server.run(example("calibrate_then_sample", filename="eps_a"))
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    return entry
+
+
+@pytest.fixture(scope="module")
+def flow_run(server):
+    entry = server.run(example("flow_model_calibrate_and_sample", filename="flow_c"))
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    return entry
+
+
+def test_samplers_are_in_the_stock_dropdowns_once(server):
+    info = json.loads(server.http("GET", "/object_info")[1])
+    for node in ("KSampler", "KSamplerAdvanced", "KSamplerSelect"):
+        names = info[node]["input"]["required"]["sampler_name"][0]
+        assert [n for n in names if n in SAMPLERS] == list(SAMPLERS), node
+        assert names[0] == "euler"
+    schedulers = info["KSampler"]["input"]["required"]["scheduler"][0]
+    assert not set(schedulers) & set(SAMPLERS) and "karras" in schedulers
+    for node in ("CalibratedSamplersCalibrate", "CalibratedSamplersSampler", "CalibratedSamplersSamplerFromFile",
+                 "CalibratedSamplersGDDIM"):
+        assert node in info
+
+
+def test_shipped_ui_workflows_are_the_api_sources(server):
+    info = json.loads(server.http("GET", "/object_info")[1])
+    for name, api in comfy_workflows.sources().items():
+        with open(os.path.join(comfy_workflows.EXAMPLES, name + ".json")) as f:
+            assert comfy_workflows.ui_to_api(json.load(f), info) == api, name
+
+
+def test_calibrate_then_sample_writes_a_file_that_reloads(server, eps_run):
+    path = os.path.join(server.folder, "eps_a.safetensors")
+    cal = load(path)
+    assert cal.method == "iia_dpmpp_2m" and cal.family == "ve" and cal.info["cfg"] == 5.0
+    assert cal.info["fingerprint"].startswith("cs1-") and cal.info["batch"] == 8
+    assert cal.steps == 8 and cal.info["made_by"] == "ComfyUI Calibrate node"
+    assert "[Calibrated Samplers] wrote" in eps_run["log"]
+    assert eps_run["outputs"]["22"]["images"]  # the residual picture
+    assert [f for f in os.listdir(server.folder) if f.startswith(".tmp")] == []
+
+
+def test_ksampler_dropdown_finds_the_file_and_differs_from_the_base(server, eps_run):
+    calibrated = server.run(example("ksampler_with_saved_calibration"))
+    assert calibrated["status"]["status_str"] == "success"
+    assert "iia_dpmpp_2m: using eps_a.safetensors" in calibrated["log"]
+    base = example("ksampler_with_saved_calibration")
+    base["3"]["inputs"]["sampler_name"] = "dpmpp_2m"
+    base = server.run(base)
+    a, b = server.image(calibrated, "9"), server.image(base, "9")
+    assert (a != b).any()
+    # another cfg has no calibration: the base solver runs, said in the console, and matches ComfyUI's own dpmpp_2m
+    other_cfg = example("ksampler_with_saved_calibration")
+    other_cfg["3"]["inputs"]["cfg"] = 3.0
+    fallback = server.run(other_cfg)
+    assert "no calibration in models/calibrated_samplers matches" in fallback["log"]
+    assert "eps_a.safetensors: was made for cfg 5, this run uses cfg 3" in fallback["log"]
+    stock = example("ksampler_with_saved_calibration")
+    stock["3"]["inputs"].update(cfg=3.0, sampler_name="dpmpp_2m")
+    stock = server.run(stock)
+    assert abs(server.image(fallback, "9") - server.image(stock, "9")).max() <= 1
+
+
+def test_flow_model_calibrates_and_samples(server, flow_run):
+    cal = load(os.path.join(server.folder, "flow_c.safetensors"))
+    assert cal.family == "flow" and cal.method == "amed_euler" and cal.info["fingerprint_detail"]["prediction"] == "flow"
+    assert cal.info["latent_shape"][0] == 16
+
+
+def test_a_file_for_another_model_or_schedule_is_a_clear_node_error(server, eps_run, flow_run):
+    wf = example("calibrate_then_sample")
+    del wf["20"], wf["22"]
+    wf["21"] = {"class_type": "CalibratedSamplersSamplerFromFile",
+                "inputs": {"calibration_file": "flow_c.safetensors", "allow_other_model": False}}
+    entry = server.run(wf)
+    kind, data = error_of(entry)
+    assert kind == "execution_error" and "made for another model" in data["exception_message"]
+    wf["21"]["inputs"]["calibration_file"] = "eps_a.safetensors"
+    wf["30"] = {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "karras", "steps": 6, "denoise": 1.0}}
+    wf["21"]["inputs"]["sigmas"] = ["30", 0]
+    kind, data = error_of(server.run(wf))
+    assert kind == "execution_error" and data["node_type"] == "CalibratedSamplersSamplerFromFile"
+    assert "made for 8 steps, this run has 6" in data["exception_message"]
+
+
+def test_cancel_leaves_no_file(server, eps_run):
+    wf = example("calibrate_then_sample", filename="cancelled", batch_size=256, fine_steps=10)
+    prompt_id = server.queue(wf)
+    t0 = time.time()
+    while "Requested to load" not in open(server.log).read()[-3000:] and time.time() - t0 < 120:
+        time.sleep(0.2)
+    time.sleep(3)
+    server.http("POST", "/interrupt")
+    entry = server.wait(prompt_id)
+    assert error_of(entry)[0] == "execution_interrupted"
+    assert "cancelled.safetensors" not in os.listdir(server.folder)
+    assert not [f for f in os.listdir(server.folder) if f.startswith(".tmp")]
+
+
+def test_requirements_change_no_installed_package(tmp_path):
+    """What ComfyUI-Manager does on install (pip install -r requirements.txt) leaves the environment as it was."""
+    freeze = [PYTHON, "-m", "pip", "freeze", "--all"]
+    before = subprocess.run(freeze, capture_output=True, text=True, check=True).stdout
+    subprocess.run([PYTHON, "-m", "pip", "install", "-q", "-r", os.path.join(REPO, "requirements.txt")],
+                   check=True, capture_output=True)
+    after = subprocess.run(freeze, capture_output=True, text=True, check=True).stdout
+    assert before == after
+    assert "torch" not in open(os.path.join(REPO, "requirements.txt")).read()
+    shutil.rmtree(tmp_path, ignore_errors=True)
