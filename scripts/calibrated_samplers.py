@@ -1,0 +1,393 @@
+"""A1111 / Forge extension entry: the pack's samplers in the web UI's sampler list, and calibration from the web UI.
+
+The web UI imports every file in ``extensions/<folder>/scripts/``; this one loads the pack (the repository
+root) as the package ``calibrated_samplers`` and uses its ``samplers`` and ``calibration``. Outside a web UI
+(ComfyUI, tests, plain Python) importing it registers nothing.
+
+Files live in ``models/calibrated_samplers/`` of the web UI and are the same format as ComfyUI's: copy them
+between the two. A file matches a generation when the method, the sigmas the web UI computed (scheduler and
+steps), the cfg and the model fingerprint (calibration.identity) agree.
+"""
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger("calibrated_samplers")
+
+LABELS = {
+    "iia_ddim": "IIA DDIM (calibrated)", "iia_ddim_cfg": "IIA DDIM CFG (calibrated)",
+    "iia_dpmpp_2m": "IIA DPM++ 2M (calibrated)", "biia_edm": "BIIA Heun (calibrated)",
+    "iia_edm": "IIA Heun (calibrated)", "iia_ipndm": "IIA iPNDM (calibrated)", "iia_spndm": "IIA S-PNDM (calibrated)",
+    "amed": "AMED-Solver (calibrated)", "amed_euler": "AMED Euler (calibrated)", "amed_dpm_2": "AMED DPM2 (calibrated)",
+    "amed_ipndm": "AMED iPNDM (calibrated)", "amed_dpmpp_2m": "AMED DPM++ 2M (calibrated)", "gddim": "gDDIM",
+}
+FOLDER = "calibrated_samplers"
+INFOTEXT_KEY = "Calibration"
+
+
+def load_pack():
+    """The repository as the package ``calibrated_samplers`` (whatever the extension folder is called)."""
+    mod = sys.modules.get("calibrated_samplers")
+    if mod is not None:
+        return mod
+    spec = importlib.util.spec_from_file_location("calibrated_samplers", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["calibrated_samplers"] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules["calibrated_samplers"]
+        raise
+    return mod
+
+
+# ------------------------------------------------------------------------------------------ the loaded model
+def model_family(sd_model):
+    """(prediction, Family) of the web UI's loaded model: Forge's predictor, or A1111's parameterization."""
+    from calibrated_samplers.samplers import Family
+    forge = getattr(sd_model, "forge_objects", None)
+    if forge is not None:
+        predictor = forge.unet.model.predictor
+        kind = getattr(predictor, "prediction_type", "epsilon")
+        if kind == "const":
+            return "flow", Family("flow", float(getattr(predictor, "shift", 1.0)))
+        return {"v_prediction": "v", "edm": "edm"}.get(kind, "eps"), Family("ve")
+    return ("v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"), Family("ve")
+
+
+def model_fingerprint(sd_model):
+    """calibration.identity's fingerprint: the same rule as the ComfyUI nodes, so files move between the UIs."""
+    from calibrated_samplers.calibration.identity import fingerprint
+    forge = getattr(sd_model, "forge_objects", None)
+    if forge is not None:
+        unet = forge.unet
+        net = unet.model.diffusion_model
+        backup = getattr(getattr(unet, "lora_loader", None), "backup", None) or {}
+        patches = sorted(repr(k) for k in (getattr(unet, "lora_patches", None) or {}))
+    else:
+        net = sd_model.model.diffusion_model
+        backup, patches = {}, []
+    named = []
+    for k, t in net.state_dict().items():
+        if t.ndim == 1:
+            saved = backup.get("diffusion_model." + k)
+            named.append((k, saved if saved is not None and hasattr(saved, "ndim") else t))
+    prediction, family = model_family(sd_model)
+    return fingerprint(named, prediction, family.name, family.shift, patches, model=type(sd_model).__name__)
+
+
+def file_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:10]
+
+
+# ------------------------------------------------------------------------------------------ sampling
+class Job:
+    """A calibration request, picked up by the next call of the requested sampler (under the web UI's queue lock)."""
+
+    def __init__(self, method, noise, prompts, fit_options, info, progress=None, cancel=None):
+        self.method, self.noise, self.prompts, self.fit_options, self.info = method, noise, prompts, fit_options, info
+        self.progress, self.cancel, self.result = progress, cancel, None
+
+
+_pending = threading.local()
+
+
+def pending_job(method):
+    job = getattr(_pending, "job", None)
+    return job if job is not None and job.method == method else None
+
+
+def make_sampler(name, library, env):
+    """The k-diffusion-style function the web UI calls for ``name``. ``env`` gives the web UI's state
+    (``sd_model()``, ``sgm_noise_multiplier()``, ``conds(p, prompt, batch)``) so tests can stand in for it."""
+    from calibrated_samplers.samplers import SAMPLERS
+    fn = SAMPLERS[name]
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        sd_model = env.sd_model()
+        prediction, family = model_family(sd_model)
+        p = getattr(model, "p", None)
+        extra_args = extra_args or {}
+        job = pending_job(name)
+        if job is not None:
+            return calibration_run(model, x, sigmas, extra_args, job, env, p)
+        calibration = None
+        if fn.kind != "plain":
+            cfg = extra_args.get("cond_scale")
+            calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg)
+            if calibration is None:
+                text = no_calibration_message(name, sigmas, cfg, notes)
+                log.warning(text)
+                note = f"none: uncalibrated {fn.base}"
+            else:
+                note = f"{os.path.basename(path)} ({file_hash(path)})"
+            if p is not None:
+                p.extra_generation_params[INFOTEXT_KEY] = note
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                  calibration=calibration, family=family.name, shift=family.shift, **options)
+
+    sample.__name__ = f"sample_{name}"
+    return sample
+
+
+def no_calibration_message(name, sigmas, cfg, notes):
+    from calibrated_samplers.samplers import SAMPLERS
+    sig = [float(s) for s in sigmas]
+    cfg_text = "any cfg" if cfg is None else f"cfg {float(cfg):g}"
+    lines = [f"[Calibrated Samplers] {LABELS[name]}: no calibration in models/{FOLDER} matches this checkpoint, "
+             f"{len(sig) - 1} steps (sigmas {sig[0]:.4g} ... {sig[-1]:.4g}) and {cfg_text}; running the UNCALIBRATED "
+             f"{SAMPLERS[name].base} solver. Calibrate it in the 'Calibrated Samplers' tab (or POST "
+             f"/calibrated-samplers/calibrate) with this scheduler, steps and {cfg_text}."]
+    return "\n".join(lines + [f"    passed over {n}" for n in notes[:8]])
+
+
+def calibration_run(model, x, sigmas, extra_args, job, env, p):
+    """Calibrate instead of sampling: the web UI has prepared the model and the negative prompt for this batch."""
+    from calibrated_samplers.calibration import calibrate
+    sd_model = env.sd_model()
+    _, family = model_family(sd_model)
+    s0 = float(sigmas[0])
+    if family.name == "flow":
+        scale = s0
+    else:  # what the web UI's txt2img does to its unit noise
+        scale = math.sqrt(1.0 + s0 * s0) if env.sgm_noise_multiplier() else s0
+    states = job.noise.to(x.device, x.dtype) * scale
+    batch = x.shape[0]
+    conds = [env.conds(p, prompt, batch) for prompt in job.prompts]
+    fixed = {k: v for k, v in extra_args.items() if k not in ("cond",)}
+
+    def denoiser(xs, sigma, prompt=0):
+        m = xs.shape[0]
+        if m < batch:  # the web UI's conditioning is made for ``batch`` images: pad, then keep the first m
+            xs = torch_cat_pad(xs, batch)
+            sigma = torch_cat_pad(sigma.reshape(-1), batch)
+        return model(xs, sigma, cond=conds[prompt], **fixed)[:m]
+
+    fp = model_fingerprint(sd_model)
+    info = dict(job.info, cfg=float(extra_args.get("cond_scale", 1.0)), fingerprint=fp["id"], fingerprint_detail=fp)
+    job.result = calibrate(denoiser, sigmas, job.method, states, [{"prompt": k} for k in range(len(job.prompts))],
+                           family=family.name, shift=family.shift, progress=job.progress, cancel=job.cancel,
+                           info=info, chunk_size=batch, **job.fit_options)
+    return x
+
+
+def torch_cat_pad(t, n):
+    import torch
+    return torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
+
+
+# ------------------------------------------------------------------------------------------ the web UI
+class WebUI:
+    """The web UI's state, read through its ``modules``."""
+
+    def sd_model(self):
+        from modules import shared
+        return shared.sd_model
+
+    def sgm_noise_multiplier(self):
+        from modules import shared
+        return bool(getattr(shared.opts, "sgm_noise_multiplier", False))
+
+    def conds(self, p, prompt, batch):
+        from modules import prompt_parser, shared
+        prompts = prompt_parser.SdConditioning([prompt] * batch, width=p.width, height=p.height)
+        return prompt_parser.get_multicond_learned_conditioning(shared.sd_model, prompts, p.steps)
+
+    def folder(self):
+        from modules import paths
+        return os.path.join(paths.models_path, FOLDER)
+
+
+def library_for(folder):
+    from calibrated_samplers.calibration.library import Library
+
+    def paths():
+        if not os.path.isdir(folder):
+            return []
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    return Library(paths)
+
+
+def register(library, env):
+    """Add the pack's samplers to the web UI's list once: Forge's add_sampler, else A1111's lists."""
+    from calibrated_samplers.samplers import SAMPLERS
+    from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
+    existing = {s.name for s in sd_samplers.all_samplers}
+    added = []
+    for name, label in LABELS.items():
+        if label in existing:
+            continue
+        fn = make_sampler(name, library, env)
+        options = {"second_order": True} if SAMPLERS[name].nfe_per_step == 2 else {}
+        data = sd_samplers_common.SamplerData(
+            label, lambda model, fn=fn: sd_samplers_kdiffusion.KDiffusionSampler(fn, model), [name], options)
+        if hasattr(sd_samplers, "add_sampler"):
+            sd_samplers.add_sampler(data)
+        else:
+            sd_samplers.all_samplers.append(data)
+            sd_samplers.all_samplers_map[label] = data
+        added.append(label)
+    if added and not hasattr(sd_samplers, "add_sampler"):
+        sd_samplers.set_samplers()
+    return added
+
+
+def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts, negative_prompt="",
+                       batch_size=32, fine_steps=10, seed=0, filename="", chunk_size=4, overwrite=False):
+    """Calibrate the loaded checkpoint (under the web UI's queue lock); returns (Calibration, path)."""
+    import torch
+    from modules import call_queue, processing, shared
+    from calibrated_samplers.calibration.picture import residual_image  # noqa: F401  (fail early if missing)
+    from calibrated_samplers.nodes.runtime import output_path
+    if method not in LABELS or method == "gddim":
+        raise ValueError(f"method must be one of {[m for m in LABELS if m != 'gddim']}, got {method!r}")
+    prompts = [q for q in (prompts if isinstance(prompts, (list, tuple)) else [prompts]) if q and q.strip()]
+    if not prompts:
+        raise ValueError("give at least one prompt to calibrate on")
+    if batch_size < 2 * len(prompts):
+        raise ValueError(f"batch_size {batch_size} is too small for {len(prompts)} prompts: use at least two noises per prompt")
+    folder = env.folder()
+    path = output_path(folder, filename or f"{method}_{steps}_{scheduler}_cfg{cfg:g}", overwrite)
+    g = torch.Generator().manual_seed(int(seed))
+
+    def progress(done, total):
+        shared.state.sampling_step, shared.state.sampling_steps = done, total
+
+    with call_queue.queue_lock:
+        if shared.sd_model is None:
+            raise ValueError("no checkpoint is loaded")
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompts[0], negative_prompt=negative_prompt, steps=int(steps),
+            cfg_scale=float(cfg), width=int(width), height=int(height), sampler_name=LABELS[method],
+            scheduler=scheduler, batch_size=max(1, min(int(chunk_size), int(batch_size))), n_iter=1, seed=int(seed),
+            do_not_save_samples=True, do_not_save_grid=True)
+        forge = getattr(shared.sd_model, "forge_objects", None)
+        channels, factor = (int(forge.vae.latent_channels) if forge is not None else 4), 8  # as processing.py
+        noise = torch.randn((int(batch_size), channels, int(height) // factor, int(width) // factor), generator=g)
+        info = {"made_by": "web UI calibrate", "schedule": f"{scheduler}, {steps} steps", "seed": int(seed),
+                "prompts": len(prompts), "latent_shape": list(noise.shape[1:])}
+        job = Job(method, noise, prompts, {"fine_steps": int(fine_steps)}, info, progress,
+                  lambda: bool(shared.state.interrupted))
+        _pending.job = job
+        started = time.time()
+        shared.state.begin(job="calibrated_samplers")
+        try:
+            processing.process_images(p)
+        finally:
+            _pending.job = None
+            shared.state.end()
+    if job.result is None:
+        raise InterruptedError("calibration was interrupted: nothing was written")
+    job.result.save(path)
+    log.info("[Calibrated Samplers] wrote %s in %.0f s", path, time.time() - started)
+    return job.result, path
+
+
+def add_api(app, env, library):
+    from fastapi import HTTPException
+    from pydantic import BaseModel
+
+    class CalibrateRequest(BaseModel):
+        method: str = "iia_dpmpp_2m"
+        steps: int = 8
+        scheduler: str = "Karras"
+        cfg: float = 5.0
+        width: int = 512
+        height: int = 512
+        prompts: list[str] = ["a photo"]
+        negative_prompt: str = ""
+        batch_size: int = 32
+        fine_steps: int = 10
+        seed: int = 0
+        filename: str = ""
+        chunk_size: int = 4
+        overwrite: bool = False
+
+    def calibrate_route(req: CalibrateRequest):
+        try:
+            cal, path = calibrate_in_webui(env, **req.dict())
+        except InterruptedError as e:
+            raise HTTPException(status_code=409, detail=str(e))
+        except (ValueError, FileExistsError) as e:
+            raise HTTPException(status_code=400, detail=str(e))
+        return {"file": os.path.basename(path), "path": path, "hash": file_hash(path), "method": cal.method,
+                "sigmas": [float(s) for s in cal.sigmas], "fingerprint": cal.info.get("fingerprint"),
+                "residual_before": None if cal.residual_before is None else cal.residual_before.tolist(),
+                "residual_after": None if cal.residual_after is None else cal.residual_after.tolist()}
+
+    def list_route():
+        return [{"file": os.path.basename(p), "method": getattr(c, "method", None),
+                 "error": str(c) if isinstance(c, Exception) else None} for p, c in library.entries()]
+
+    app.add_api_route("/calibrated-samplers/calibrate", calibrate_route, methods=["POST"])
+    app.add_api_route("/calibrated-samplers/files", list_route, methods=["GET"])
+
+
+def ui_tab(env):
+    """The 'Calibrated Samplers' tab: the same calibration as the API route, for people."""
+    import gradio as gr
+    from modules import sd_schedulers
+    from calibrated_samplers.calibration.picture import residual_image
+    methods = [m for m in LABELS if m != "gddim"]
+    schedulers = [s.label for s in sd_schedulers.schedulers]
+
+    def run(method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed, filename, overwrite):
+        try:
+            cal, path = calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts.splitlines(),
+                                           negative, batch_size, fine_steps, seed, filename, overwrite=overwrite)
+        except (ValueError, FileExistsError, InterruptedError) as e:
+            return f"Not calibrated: {e}", None
+        return f"Wrote {path}", (residual_image(cal).numpy() * 255).astype("uint8")
+
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row():
+            with gr.Column():
+                method = gr.Dropdown(methods, value="iia_dpmpp_2m", label="Method")
+                steps = gr.Slider(1, 50, value=8, step=1, label="Steps")
+                scheduler = gr.Dropdown(schedulers, value="Karras" if "Karras" in schedulers else schedulers[0], label="Schedule type")
+                cfg = gr.Slider(1, 30, value=5.0, step=0.5, label="CFG scale (sample at this one)")
+                width = gr.Slider(64, 2048, value=512, step=8, label="Width")
+                height = gr.Slider(64, 2048, value=512, step=8, label="Height")
+                prompts = gr.Textbox(lines=4, label="Prompts (one per line)")
+                negative = gr.Textbox(label="Negative prompt")
+                batch_size = gr.Slider(2, 256, value=32, step=1, label="Noises")
+                fine_steps = gr.Slider(1, 50, value=10, step=1, label="Reference sub-steps per step")
+                seed = gr.Number(value=0, precision=0, label="Seed")
+                filename = gr.Textbox(label="File name (models/calibrated_samplers/<name>.safetensors)")
+                overwrite = gr.Checkbox(False, label="Overwrite")
+                go = gr.Button("Calibrate", variant="primary")
+            with gr.Column():
+                status = gr.Textbox(label="Result")
+                picture = gr.Image(label="Held-out residual per step (grey: base, green: calibrated)")
+        go.click(run, [method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed,
+                       filename, overwrite], [status, picture])
+    return [(tab, "Calibrated Samplers", "calibrated_samplers")]
+
+
+def setup():
+    """Runs when the web UI imports this file; a no-op anywhere else."""
+    try:
+        from modules import script_callbacks, sd_samplers  # noqa: F401
+    except ImportError:
+        return None
+    load_pack()
+    env = WebUI()
+    library = library_for(env.folder())
+    os.makedirs(env.folder(), exist_ok=True)
+    added = register(library, env)
+    script_callbacks.on_app_started(lambda demo, app: add_api(app, env, library))
+    script_callbacks.on_ui_tabs(lambda: ui_tab(env))
+    if added:
+        print(f"[Calibrated Samplers] added {len(added)} samplers; calibrations in {env.folder()}")
+    return added
+
+
+setup()
