@@ -8,28 +8,21 @@ enough; README "Tests" says how to make them) are named by COMFYUI_SD15 (a check
 tiny_sd15.safetensors), COMFYUI_FLOW_UNET / COMFYUI_FLOW_CLIP / COMFYUI_FLOW_VAE (an SD3-style flow model,
 default tiny_sd3_mmdit / tiny_clip_l / tiny_taesd_16ch .safetensors).
 """
-import io
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
 
 import pytest
 
 from calibrated_samplers.calibration import load
 from calibrated_samplers.samplers import SAMPLERS
-from calibrated_samplers.tests import comfy_workflows
+from calibrated_samplers.tests import comfy_workflows, servers
+from calibrated_samplers.tests.servers import comfy_error as error_of
 
-COMFY = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR (and COMFYUI_PYTHON) to test against a real ComfyUI")
-PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
-REPO = comfy_workflows.ROOT
+pytestmark = pytest.mark.skipif(not servers.COMFY, reason="set COMFYUI_DIR (and COMFYUI_PYTHON) to test against a real ComfyUI")
+PYTHON = servers.COMFY_PYTHON
+REPO = servers.ROOT
 SD15 = os.environ.get("COMFYUI_SD15", "tiny_sd15.safetensors")
 FLOW = {"unet": os.environ.get("COMFYUI_FLOW_UNET", "tiny_sd3_mmdit.safetensors"),
         "clip": os.environ.get("COMFYUI_FLOW_CLIP", "tiny_clip_l.safetensors"),
@@ -37,112 +30,20 @@ FLOW = {"unet": os.environ.get("COMFYUI_FLOW_UNET", "tiny_sd3_mmdit.safetensors"
 SMALL = {"batch_size": 8, "fine_steps": 4}  # calibrations small enough for a 2-core CPU
 
 
-class Server:
-    def __init__(self, url, base, log):
-        self.url, self.base, self.log = url, base, log
-        self.folder = os.path.join(base, "models", "calibrated_samplers")
-
-    def http(self, method, path, body=None):
-        req = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                raw = r.read()
-                return r.status, raw
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def queue(self, prompt):
-        status, raw = self.http("POST", "/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
-        body = json.loads(raw)
-        if status != 200:
-            raise AssertionError(f"validation failed: {json.dumps(body, indent=1)[:3000]}")
-        return body["prompt_id"]
-
-    def wait(self, prompt_id, timeout=900):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            _, raw = self.http("GET", f"/history/{prompt_id}")
-            hist = json.loads(raw)
-            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-                return hist[prompt_id]
-            time.sleep(0.3)
-        self.http("POST", "/interrupt")
-        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout}s")
-
-    def run(self, prompt):
-        log_start = os.path.getsize(self.log)
-        entry = self.wait(self.queue(prompt))
-        with open(self.log, errors="replace") as f:
-            f.seek(log_start)
-            entry["log"] = f.read()
-        return entry
-
-    def image(self, entry, node):
-        from PIL import Image
-        import numpy as np
-        img = entry["outputs"][node]["images"][0]
-        _, raw = self.http("GET", f"/view?filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}")
-        return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.int16)
-
-
-def error_of(entry):
-    for kind, data in entry["status"].get("messages", []):
-        if kind in ("execution_error", "execution_interrupted"):
-            return kind, data
-    return None, None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("comfy_base"))
-    os.makedirs(os.path.join(base, "custom_nodes"))
-    os.symlink(REPO, os.path.join(base, "custom_nodes", "calibrated_samplers"))
-    os.makedirs(os.path.join(base, "models"))
-    for sub in os.listdir(os.path.join(COMFY, "models")):
-        if sub != "calibrated_samplers" and os.path.isdir(os.path.join(COMFY, "models", sub)):
-            os.symlink(os.path.join(COMFY, "models", sub), os.path.join(base, "models", sub))
-    port = free_port()
-    log = os.path.join(base, "server.log")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("COMFY_THREADS", "2"))
-    with open(log, "w") as out:
-        proc = subprocess.Popen([PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                 "--disable-auto-launch", "--disable-api-nodes", "--base-directory", base],
-                                cwd=COMFY, stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", base, log)
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                if srv.http("GET", "/system_stats")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() - t0 > 240:
-                raise RuntimeError("ComfyUI did not start:\n" + open(log).read()[-4000:])
-            time.sleep(0.5)
-        yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    srv = servers.Comfy.start(str(tmp_path_factory.mktemp("comfy_base")))
+    yield srv
+    srv.stop()
 
 
-def example(name, **calibrate):
+def example(name, ckpt=SD15, **calibrate):
     """An example workflow (API source) pointed at the test models, with a small calibration."""
     wf = comfy_workflows.sources()[name]
     for node in wf.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = SD15
+            inputs["ckpt_name"] = ckpt
         elif kind == "UNETLoader":
             inputs["unet_name"] = FLOW["unet"]
         elif kind == "CLIPLoader":
@@ -258,7 +159,7 @@ def test_cancel_leaves_no_file(server, eps_run):
     assert not [f for f in os.listdir(server.folder) if f.startswith(".tmp")]
 
 
-def test_requirements_change_no_installed_package(tmp_path):
+def test_requirements_change_no_installed_package():
     """What ComfyUI-Manager does on install (pip install -r requirements.txt) leaves the environment as it was."""
     freeze = [PYTHON, "-m", "pip", "freeze", "--all"]
     before = subprocess.run(freeze, capture_output=True, text=True, check=True).stdout
@@ -267,4 +168,3 @@ def test_requirements_change_no_installed_package(tmp_path):
     after = subprocess.run(freeze, capture_output=True, text=True, check=True).stdout
     assert before == after
     assert "torch" not in open(os.path.join(REPO, "requirements.txt")).read()
-    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,183 @@
+"""Real ComfyUI and Forge servers for the integration tests, started with this checkout installed into a
+temporary base/data directory (your installs are only read: their models are linked, nothing is written).
+
+ComfyUI: COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON (the Python that runs it).
+Forge: FORGE_DIR (a stable-diffusion-webui-forge checkout, prepared so that ``launch.py
+--skip-prepare-environment`` starts), FORGE_PYTHON, and FORGE_CKPT (an SD1.5 checkpoint file).
+"""
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFY = os.environ.get("COMFYUI_DIR")
+COMFY_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+FORGE = os.environ.get("FORGE_DIR")
+FORGE_PYTHON = os.environ.get("FORGE_PYTHON", sys.executable)
+FORGE_CKPT = os.environ.get("FORGE_CKPT")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url, base, log, proc):
+        self.url, self.base, self.log, self.proc = url, base, log, proc
+
+    def http(self, method, path, body=None, timeout=60):
+        req = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def log_since(self, offset):
+        with open(self.log, errors="replace") as f:
+            f.seek(offset)
+            return f.read()
+
+    def wait_up(self, path, limit=300):
+        t0 = time.time()
+        while True:
+            try:
+                if self.http("GET", path, timeout=5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() - t0 > limit:
+                self.stop()
+                raise RuntimeError(f"server did not start; log tail:\n{open(self.log).read()[-4000:]}")
+            time.sleep(0.5)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def link_models(src_models, dst_models, extra_checkpoints=()):
+    """dst_models/<sub> -> src_models/<sub>, except checkpoints (a real folder of links, plus extras) and a
+    fresh calibrated_samplers folder."""
+    os.makedirs(dst_models)
+    for sub in os.listdir(src_models):
+        src = os.path.join(src_models, sub)
+        if sub in ("calibrated_samplers", "checkpoints") or not os.path.isdir(src):
+            continue
+        os.symlink(src, os.path.join(dst_models, sub))
+    ckpts = os.path.join(dst_models, "checkpoints")
+    os.makedirs(ckpts)
+    src_ckpts = os.path.join(src_models, "checkpoints")
+    for f in (os.listdir(src_ckpts) if os.path.isdir(src_ckpts) else []):
+        os.symlink(os.path.join(src_ckpts, f), os.path.join(ckpts, f))
+    for path in extra_checkpoints:
+        if not os.path.exists(os.path.join(ckpts, os.path.basename(path))):
+            os.symlink(path, os.path.join(ckpts, os.path.basename(path)))
+
+
+class Comfy(Server):
+    @classmethod
+    def start(cls, base, extra_checkpoints=()):
+        os.makedirs(os.path.join(base, "custom_nodes"))
+        os.symlink(ROOT, os.path.join(base, "custom_nodes", "calibrated_samplers"))
+        link_models(os.path.join(COMFY, "models"), os.path.join(base, "models"), extra_checkpoints)
+        port, log = free_port(), os.path.join(base, "comfyui.log")
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("COMFY_THREADS", "2"))
+        with open(log, "w") as out:
+            proc = subprocess.Popen([COMFY_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                     "--disable-auto-launch", "--disable-api-nodes", "--base-directory", base],
+                                    cwd=COMFY, stdout=out, stderr=subprocess.STDOUT, env=env)
+        server = cls(f"http://127.0.0.1:{port}", base, log, proc)
+        server.folder = os.path.join(base, "models", "calibrated_samplers")
+        server.wait_up("/system_stats")
+        return server
+
+    def queue(self, prompt):
+        status, raw = self.http("POST", "/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        body = json.loads(raw)
+        if status != 200:
+            raise AssertionError(f"validation failed: {json.dumps(body, indent=1)[:3000]}")
+        return body["prompt_id"]
+
+    def wait(self, prompt_id, timeout=900):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            hist = json.loads(self.http("GET", f"/history/{prompt_id}")[1])
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                return hist[prompt_id]
+            time.sleep(0.3)
+        self.http("POST", "/interrupt")
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def run(self, prompt):
+        start = os.path.getsize(self.log)
+        entry = self.wait(self.queue(prompt))
+        entry["log"] = self.log_since(start)
+        return entry
+
+    def image(self, entry, node):
+        img = entry["outputs"][node]["images"][0]
+        _, raw = self.http("GET", f"/view?filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}")
+        return decode_png(raw)
+
+
+def comfy_error(entry):
+    for kind, data in entry["status"].get("messages", []):
+        if kind in ("execution_error", "execution_interrupted"):
+            return kind, data
+    return None, None
+
+
+class Forge(Server):
+    @classmethod
+    def start(cls, base):
+        os.makedirs(os.path.join(base, "extensions"))
+        os.symlink(ROOT, os.path.join(base, "extensions", "calibrated_samplers"))
+        os.makedirs(os.path.join(base, "models", "Stable-diffusion"))
+        port, log = free_port(), os.path.join(base, "forge.log")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+                   DO_NOT_TRACK="1")
+        args = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-python-version-check",
+                "--skip-version-check", "--no-download-sd-model", "--always-cpu", "--use-cpu", "all",
+                "--disable-nan-check", "--nowebui", "--server-name", "127.0.0.1", "--port", str(port),
+                "--data-dir", base, "--ckpt", FORGE_CKPT]
+        with open(log, "w") as out:
+            proc = subprocess.Popen([FORGE_PYTHON, "launch.py", *args], cwd=FORGE, stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
+        server = cls(f"http://127.0.0.1:{port}", base, log, proc)
+        server.folder = os.path.join(base, "models", "calibrated_samplers")
+        server.wait_up("/sdapi/v1/samplers")
+        return server
+
+    def post(self, path, body, timeout=900):
+        status, raw = self.http("POST", path, body, timeout=timeout)
+        return status, json.loads(raw)
+
+    def txt2img(self, sampler, scheduler="Karras", steps=4, cfg=5.0, seed=1234, prompt="a tiny test"):
+        status, body = self.post("/sdapi/v1/txt2img", {
+            "prompt": prompt, "negative_prompt": "", "sampler_name": sampler, "scheduler": scheduler, "steps": steps,
+            "cfg_scale": cfg, "seed": seed, "width": 64, "height": 64, "batch_size": 1, "n_iter": 1,
+            "save_images": False, "send_images": True})
+        assert status == 200, body
+        info = json.loads(body["info"])
+        import base64
+        return info, decode_png(base64.b64decode(body["images"][0]))
+
+
+def decode_png(raw):
+    import numpy as np
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.int16)

@@ -1,0 +1,120 @@
+"""Against a real Forge (FORGE_DIR, FORGE_PYTHON, FORGE_CKPT; see tests/servers.py and README "Tests"): the
+extension linked in, its samplers listed and run by name, the calibrate route, infotext, interruption, and
+files moving between ComfyUI and the web UI (that last part also needs COMFYUI_DIR)."""
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from calibrated_samplers.calibration import load
+from calibrated_samplers.tests import servers
+from calibrated_samplers.tests.servers import comfy_error
+
+pytestmark = pytest.mark.skipif(not (servers.FORGE and servers.FORGE_CKPT),
+                                reason="set FORGE_DIR, FORGE_PYTHON and FORGE_CKPT to test against a real Forge")
+LABELS = {"iia_ddim": "IIA DDIM (calibrated)", "iia_dpmpp_2m": "IIA DPM++ 2M (calibrated)",
+          "amed_euler": "AMED Euler (calibrated)"}
+CALIBRATE = {"steps": 4, "scheduler": "Karras", "cfg": 5.0, "width": 64, "height": 64, "prompts": ["a tiny test", "a cat"],
+             "batch_size": 8, "fine_steps": 3, "seed": 1, "chunk_size": 4}
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    srv = servers.Forge.start(str(tmp_path_factory.mktemp("forge_data")))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def calibrated(forge):
+    status, body = forge.post("/calibrated-samplers/calibrate", dict(CALIBRATE, method="iia_dpmpp_2m", filename="forge_iia"))
+    assert status == 200, body
+    status, amed = forge.post("/calibrated-samplers/calibrate", dict(CALIBRATE, method="amed_euler", filename="forge_amed"))
+    assert status == 200, amed
+    return body
+
+
+def test_every_sampler_is_listed_once_and_runs_under_its_own_name(forge):
+    import json
+    listed = [s["name"] for s in json.loads(forge.http("GET", "/sdapi/v1/samplers")[1])]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cs_script", os.path.join(servers.ROOT, "scripts", "calibrated_samplers.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for label in script.LABELS.values():
+        assert listed.count(label) == 1, label
+        info, _ = forge.txt2img(label, steps=4)
+        assert info["sampler_name"] == label  # the web UI silently swaps unknown names
+
+
+def test_calibrate_route_writes_a_file_the_sampler_uses(forge, calibrated):
+    path = os.path.join(forge.folder, "forge_iia.safetensors")
+    cal = load(path)
+    assert cal.method == "iia_dpmpp_2m" and cal.info["cfg"] == 5.0 and cal.info["prompts"] == 2
+    assert cal.info["made_by"] == "web UI calibrate" and calibrated["file"] == "forge_iia.safetensors"
+    assert [round(s, 4) for s in calibrated["sigmas"]] == [round(float(s), 4) for s in cal.sigmas]
+    info, image = forge.txt2img(LABELS["iia_dpmpp_2m"])
+    assert f"Calibration: forge_iia.safetensors ({calibrated['hash']})" in info["infotexts"][0]
+    _, base = forge.txt2img("DPM++ 2M")
+    assert (image != base).any()
+    info, amed = forge.txt2img(LABELS["amed_euler"])
+    assert "Calibration: forge_amed.safetensors" in info["infotexts"][0]
+    # another cfg: no file matches, the base runs, and the infotext and console say so
+    start = os.path.getsize(forge.log)
+    info, fallback = forge.txt2img(LABELS["iia_dpmpp_2m"], cfg=3.0)
+    assert 'Calibration: "none: uncalibrated dpmpp_2m"' in info["infotexts"][0]
+    assert "running the UNCALIBRATED dpmpp_2m solver" in forge.log_since(start)
+    _, stock = forge.txt2img("DPM++ 2M", cfg=3.0)
+    assert abs(fallback - stock).max() <= 1
+
+
+def test_bad_requests_are_refused_with_a_reason(forge, calibrated):
+    status, body = forge.post("/calibrated-samplers/calibrate", dict(CALIBRATE, method="gddim", filename="x"))
+    assert status == 400 and "method must be one of" in body["detail"]
+    status, body = forge.post("/calibrated-samplers/calibrate", dict(CALIBRATE, method="iia_ddim", filename="forge_iia"))
+    assert status == 400 and "already exists" in body["detail"]
+
+
+def test_interrupt_writes_nothing(forge, calibrated):
+    result = {}
+
+    def call():
+        result["r"] = forge.post("/calibrated-samplers/calibrate",
+                                 dict(CALIBRATE, method="iia_ddim", batch_size=256, fine_steps=10, filename="interrupted"))
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(8)
+    forge.http("POST", "/sdapi/v1/interrupt")
+    t.join(600)
+    status, body = result["r"]
+    assert status == 409 and "nothing was written" in body["detail"]
+    assert "interrupted.safetensors" not in os.listdir(forge.folder)
+    assert not [f for f in os.listdir(forge.folder) if f.startswith(".tmp")]
+
+
+@pytest.mark.skipif(not servers.COMFY, reason="also needs COMFYUI_DIR to move files between the two UIs")
+def test_one_file_both_uis(forge, calibrated, tmp_path_factory):
+    """A file the ComfyUI Calibrate node wrote for the same checkpoint file is used by the web UI, and the reverse."""
+    from calibrated_samplers.tests.test_comfyui_integration import example
+    comfy = servers.Comfy.start(str(tmp_path_factory.mktemp("comfy_cross")), extra_checkpoints=[servers.FORGE_CKPT])
+    try:
+        ckpt = os.path.basename(servers.FORGE_CKPT)
+        wf = example("calibrate_then_sample", ckpt=ckpt, filename="from_comfy", steps=4)
+        entry = comfy.run(wf)
+        assert entry["status"]["status_str"] == "success", comfy_error(entry)
+        made_in_comfy = os.path.join(comfy.folder, "from_comfy.safetensors")
+        assert load(made_in_comfy).info["fingerprint"] == load(os.path.join(forge.folder, "forge_iia.safetensors")).info["fingerprint"]
+        os.remove(os.path.join(forge.folder, "forge_iia.safetensors"))
+        shutil.copy(made_in_comfy, forge.folder)
+        info, _ = forge.txt2img(LABELS["iia_dpmpp_2m"])
+        assert "Calibration: from_comfy.safetensors" in info["infotexts"][0]
+        shutil.copy(os.path.join(forge.folder, "forge_amed.safetensors"), comfy.folder)
+        ks = example("ksampler_with_saved_calibration", ckpt=ckpt)
+        ks["3"]["inputs"].update(steps=4, sampler_name="amed_euler")
+        entry = comfy.run(ks)
+        assert entry["status"]["status_str"] == "success", comfy_error(entry)
+        assert "amed_euler: using forge_amed.safetensors" in entry["log"]
+    finally:
+        comfy.stop()

@@ -1,0 +1,189 @@
+"""The A1111/Forge entry (scripts/calibrated_samplers.py) without a web UI: inert on import, the same model
+fingerprint as the ComfyUI nodes, the sampler function's file lookup and infotext, calibration through the
+web UI's batch-shaped conditioning, and registration into both web UIs' sampler lists (stand-ins for the web
+UI's ``modules``; tests/test_webui_integration.py runs a real Forge)."""
+import collections
+import importlib.util
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from calibrated_samplers.calibration import calibrate, load
+from calibrated_samplers.calibration.library import Library
+from calibrated_samplers.nodes import runtime
+from calibrated_samplers.samplers import SAMPLERS
+from calibrated_samplers.tests import comfy_standins as cs
+from calibrated_samplers.tests.analytic import karras
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIGMAS = karras(5, 0.03, 14.6).float()
+
+
+@pytest.fixture(scope="module")
+def script():
+    before = set(sys.modules)
+    spec = importlib.util.spec_from_file_location("calibrated_samplers_webui_script",
+                                                  os.path.join(ROOT, "scripts", "calibrated_samplers.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert "modules" not in sys.modules and not {m for m in set(sys.modules) - before if m.startswith("comfy")}
+    return mod
+
+
+class Predictor:
+    def __init__(self, prediction_type="epsilon", shift=1.0):
+        self.prediction_type, self.shift = prediction_type, shift
+
+
+def forge_model(seed=0, predictor=None):
+    net = cs.Net(seed)
+    unet = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=net, predictor=predictor or Predictor()),
+                                 lora_loader=types.SimpleNamespace(backup={}), lora_patches={})
+    return types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=unet, vae=types.SimpleNamespace(latent_channels=4)))
+
+
+class Cond:
+    """Stands in for the web UI's batch-shaped MulticondLearnedConditioning of one prompt."""
+
+    def __init__(self, label, batch):
+        self.label, self.batch = label, batch
+
+
+class CFGModel:
+    """The web UI's CFG denoiser: conditioning is made for a fixed batch, which x must match."""
+
+    def __init__(self, batch):
+        self.p = types.SimpleNamespace(extra_generation_params={}, width=64, height=64, steps=5)
+        self.batch, self.calls = batch, 0
+
+    def __call__(self, x, sigma, cond, uncond, cond_scale, s_min_uncond, image_cond):
+        assert x.shape[0] == cond.batch == self.batch == sigma.shape[0], "conditioning batch != x batch"
+        self.calls += 1
+        labels = torch.full((x.shape[0],), cond.label, dtype=torch.long)
+        return cs.MIXTURE.edm()(x, sigma, cond=labels, cfg=cond_scale)
+
+
+class Env:
+    def __init__(self, sd_model, sgm=False):
+        self.model, self.sgm = sd_model, sgm
+
+    def sd_model(self):
+        return self.model
+
+    def sgm_noise_multiplier(self):
+        return self.sgm
+
+    def conds(self, p, prompt, batch):
+        return Cond(["cat", "dog"].index(prompt), batch)
+
+
+def extra(batch, cfg=3.0):
+    return {"cond": Cond(0, batch), "uncond": None, "cond_scale": cfg, "s_min_uncond": 0.0, "image_cond": None}
+
+
+def test_importing_outside_a_web_ui_registers_nothing(script):
+    assert script.setup() is None
+    assert set(script.LABELS) == set(SAMPLERS) and len(set(script.LABELS.values())) == len(SAMPLERS)
+
+
+def test_same_fingerprint_as_the_comfyui_nodes_for_the_same_weights(script):
+    assert script.model_fingerprint(forge_model(0))["id"] == runtime.model_fingerprint(cs.Patcher(seed=0))["id"]
+    assert script.model_fingerprint(forge_model(1))["id"] != runtime.model_fingerprint(cs.Patcher(seed=0))["id"]
+    a1111 = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=cs.Net(0)), parameterization="eps")
+    assert script.model_fingerprint(a1111)["id"] == runtime.model_fingerprint(cs.Patcher(seed=0))["id"]
+    flow_forge = script.model_fingerprint(forge_model(0, Predictor("const", 3.0)))
+    flow_comfy = runtime.model_fingerprint(cs.Patcher(cs.ModelSamplingDiscreteFlow(3.0), seed=0))
+    assert flow_forge["id"] == flow_comfy["id"] and flow_forge["prediction"] == "flow"
+    v = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=cs.Net(0)), parameterization="v")
+    assert script.model_family(v)[0] == "v" and script.model_fingerprint(v)["id"] != flow_forge["id"]
+
+
+def test_fingerprint_reads_lora_backups(script):
+    m = forge_model(0)
+    base = script.model_fingerprint(m)["id"]
+    net = m.forge_objects.unet.model.diffusion_model
+    original = net.norm.detach().clone()
+    with torch.no_grad():
+        net.norm += 1
+    m.forge_objects.unet.lora_loader.backup["diffusion_model.norm"] = original
+    m.forge_objects.unet.lora_patches = {("lora.safetensors", 1.0, 1.0, False): {}}
+    fp = script.model_fingerprint(m)
+    assert fp["weights"] == script.model_fingerprint(forge_model(0))["weights"] and fp["id"] != base
+
+
+def fitted_for(script, sd_model, cfg=3.0, method="iia_dpmpp_2m"):
+    fp = script.model_fingerprint(sd_model)
+    noise = cs.MIXTURE.noise(12, seed=1, dtype=torch.float32) * float(SIGMAS[0])
+
+    def prompt_zero(x, sigma):
+        return cs.MIXTURE.edm()(x, sigma, cond=torch.zeros(x.shape[0], dtype=torch.long), cfg=cfg)
+    return calibrate(prompt_zero, SIGMAS, method, noise, fine_steps=3,
+                     info={"cfg": cfg, "fingerprint": fp["id"], "fingerprint_detail": fp})
+
+
+def test_sampler_uses_the_matching_file_and_says_so_in_the_infotext(script, tmp_path):
+    sd = forge_model(0)
+    fitted_for(script, sd).save(tmp_path / "mine.safetensors")
+    fn = script.make_sampler("iia_dpmpp_2m", script.library_for(str(tmp_path)), Env(sd))
+    x = cs.MIXTURE.noise(2, seed=5, dtype=torch.float32) * float(SIGMAS[0])
+    model = CFGModel(2)
+    out = fn(model, x, SIGMAS, extra_args=extra(2))
+    want = SAMPLERS["iia_dpmpp_2m"](CFGModel(2), x, SIGMAS, extra_args=extra(2), calibration=load(tmp_path / "mine.safetensors"))
+    assert torch.equal(out, want)
+    assert model.p.extra_generation_params["Calibration"] == f"mine.safetensors ({script.file_hash(tmp_path / 'mine.safetensors')})"
+    other_cfg = CFGModel(2)
+    out = fn(other_cfg, x, SIGMAS, extra_args=extra(2, cfg=4.0))
+    assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](CFGModel(2), x, SIGMAS, extra_args=extra(2, cfg=4.0)))
+    assert other_cfg.p.extra_generation_params["Calibration"] == "none: uncalibrated dpmpp_2m"
+
+
+def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_prompt(script):
+    sd = forge_model(0)
+    noise = cs.MIXTURE.noise(14, seed=2, dtype=torch.float32)
+    job = script.Job("iia_ddim", noise, ["cat", "dog"], {"fine_steps": 3}, {"seed": 2})
+    script._pending.job = job
+    try:
+        model = CFGModel(4)
+        x = cs.MIXTURE.noise(4, seed=3, dtype=torch.float32) * float(SIGMAS[0])
+        assert script.make_sampler("iia_ddim", Library(list), Env(sd, sgm=True))(model, x, SIGMAS, extra_args=extra(4)) is x
+    finally:
+        script._pending.job = None
+    cal = job.result
+    assert cal.info["cfg"] == 3.0 and cal.info["fingerprint"] == script.model_fingerprint(sd)["id"]
+    assert cal.info["conditions"] == 2 and model.calls > 0
+    s0 = float(SIGMAS[0])
+
+    def direct(x, sigma, prompt=0):
+        labels = torch.full((x.shape[0],), prompt, dtype=torch.long)
+        return cs.MIXTURE.edm()(x, sigma, cond=labels, cfg=3.0)
+    want = calibrate(direct, SIGMAS, "iia_ddim", noise * (1 + s0 * s0) ** 0.5, [{"prompt": 0}, {"prompt": 1}],
+                     fine_steps=3, chunk_size=4)
+    assert torch.allclose(cal.params["coeffs"], want.params["coeffs"], rtol=1e-5, atol=1e-8)
+
+
+def test_registration_into_forge_and_a1111_lists_once(script, monkeypatch):
+    SamplerData = collections.namedtuple("SamplerData", "name constructor aliases options")
+    for forge in (True, False):
+        sd_samplers = types.SimpleNamespace(all_samplers=[SamplerData("Euler", None, ["k_euler"], {})], all_samplers_map={},
+                                            set_calls=[])
+        sd_samplers.set_samplers = lambda s=sd_samplers: s.set_calls.append(1)
+        if forge:
+            sd_samplers.add_sampler = lambda data, s=sd_samplers: s.all_samplers.append(data)
+        modules = types.ModuleType("modules")
+        modules.sd_samplers = sd_samplers
+        modules.sd_samplers_common = types.SimpleNamespace(SamplerData=SamplerData)
+        modules.sd_samplers_kdiffusion = types.SimpleNamespace(KDiffusionSampler=lambda fn, model: ("sampler", fn, model))
+        monkeypatch.setitem(sys.modules, "modules", modules)
+        added = script.register(Library(list), Env(forge_model()))
+        assert script.register(Library(list), Env(forge_model())) == []
+        names = [s.name for s in sd_samplers.all_samplers]
+        assert names[0] == "Euler" and names[1:] == list(script.LABELS.values()) == added
+        amed = next(s for s in sd_samplers.all_samplers if s.name == "AMED Euler (calibrated)")
+        assert amed.options == {"second_order": True} and amed.aliases == ["amed_euler"]
+        kind, fn, model = amed.constructor("sd")
+        assert fn.__name__ == "sample_amed_euler" and model == "sd"
+        if not forge:
+            assert set(sd_samplers.all_samplers_map) == set(added) and sd_samplers.set_calls == [1]
