@@ -118,3 +118,27 @@ def test_one_file_both_uis(forge, calibrated, tmp_path_factory):
         assert "amed_euler: using forge_amed.safetensors" in entry["log"]
     finally:
         comfy.stop()
+
+
+TAB_CHECK = """
+import importlib.util, sys, types
+schedulers = types.SimpleNamespace(schedulers=[types.SimpleNamespace(label="Automatic"), types.SimpleNamespace(label="Karras")])
+modules = types.ModuleType("modules")
+modules.sd_schedulers = schedulers
+sys.modules.update({"modules": modules, "modules.sd_schedulers": schedulers})
+spec = importlib.util.spec_from_file_location("cs_script", sys.argv[1])
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+script.load_pack()
+(tab, title, elem), = script.ui_tab(object())
+print(type(tab).__name__, title, len(tab.blocks))
+"""
+
+
+def test_the_ui_tab_builds_with_the_web_uis_gradio():
+    """The tab is not reachable headless (--nowebui), so build it with Forge's own gradio."""
+    import subprocess
+    out = subprocess.run([servers.FORGE_PYTHON, "-c", TAB_CHECK, os.path.join(servers.ROOT, "scripts", "calibrated_samplers.py")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[:3] == ["Blocks", "Calibrated", "Samplers"]
