@@ -168,3 +168,23 @@ def test_requirements_change_no_installed_package():
     after = subprocess.run(freeze, capture_output=True, text=True, check=True).stdout
     assert before == after
     assert "torch" not in open(os.path.join(REPO, "requirements.txt")).read()
+
+
+@pytest.mark.parametrize("patch, prediction, family", [
+    ({"class_type": "ModelSamplingDiscrete", "inputs": {"sampling": "v_prediction", "zsnr": False}}, "v", "ve"),
+    ({"class_type": "ModelSamplingContinuousEDM", "inputs": {"sampling": "edm", "sigma_max": 80.0, "sigma_min": 0.002}}, "edm", "ve"),
+    ({"class_type": "ModelSamplingSD3", "inputs": {"shift": 3.0}}, "flow", "flow"),
+])
+def test_model_sampling_families(server, patch, prediction, family):
+    """The same checkpoint switched to v-prediction, EDM or flow by ComfyUI's model-sampling nodes."""
+    wf = example("calibrate_then_sample", filename=f"family_{prediction}", method="amed_dpmpp_2m", steps=5,
+                 scheduler="simple" if family == "flow" else "karras")
+    wf["14"] = {"class_type": patch["class_type"], "inputs": dict(patch["inputs"], model=["4", 0])}
+    for node in ("20", "10"):
+        wf[node]["inputs"]["model"] = ["14", 0]
+    entry = server.run(wf)
+    assert entry["status"]["status_str"] == "success", error_of(entry)
+    cal = load(os.path.join(server.folder, f"family_{prediction}.safetensors"))
+    assert cal.family == family and cal.info["fingerprint_detail"]["prediction"] == prediction
+    if family == "flow":
+        assert cal.shift == 3.0 and float(cal.sigmas[0]) <= 1.0
