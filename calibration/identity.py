@@ -20,6 +20,17 @@ ONE_D_TENSORS = 32
 VALUES_PER_TENSOR = 4096
 
 
+def one_dimensional(denoiser, original=None):
+    """(name, tensor) for the denoiser's one-dimensional tensors; ``original(name)`` may return the unpatched
+    tensor where a UI patched one in place (its backup), else None."""
+    out = []
+    for name, t in denoiser.state_dict().items():
+        if t.ndim == 1:
+            saved = original(name) if original is not None else None
+            out.append((name, saved if saved is not None else t))
+    return out
+
+
 def weights_digest(named_tensors):
     """Hash of the denoiser's one-dimensional tensors; ``named_tensors``: (name relative to the denoiser, tensor)."""
     ones = sorted(((k, t) for k, t in named_tensors if t is not None and t.ndim == 1), key=lambda kv: kv[0])

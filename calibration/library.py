@@ -47,6 +47,17 @@ def cfg_mismatch(cal, cfg):
     return None
 
 
+def no_match_message(label, base, sigmas, cfg, notes, how):
+    """The console warning of a UI that found no file for a run: what ran instead, what to calibrate, and why
+    each saved file of this method was passed over. ``how`` names the UI's way to calibrate."""
+    sig = [float(s) for s in sigmas]
+    cfg_text = "any cfg" if cfg is None else f"cfg {float(cfg):g}"
+    lines = [f"[Calibrated Samplers] {label}: no calibration file matches this model, {len(sig) - 1} steps "
+             f"(sigmas {sig[0]:.4g} ... {sig[-1]:.4g}) and {cfg_text}; running the UNCALIBRATED {base} solver. "
+             f"To calibrate: {how}, with the same scheduler and steps and {cfg_text}."]
+    return "\n".join(lines + [f"    passed over {n}" for n in notes[:8]])
+
+
 class Library:
     """Calibration files listed by ``list_paths()``, loaded once per (path, size, mtime)."""
 

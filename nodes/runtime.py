@@ -10,12 +10,13 @@ import re
 import torch
 
 from ..calibration import CalibrationCancelled, calibrate
-from ..calibration.identity import fingerprint, tensor_digest
-from ..calibration.library import cfg_mismatch, check_model
+from ..calibration.identity import fingerprint, one_dimensional, tensor_digest
+from ..calibration.library import cfg_mismatch, check_model, no_match_message
 from ..samplers import SAMPLERS, Family
 
 log = logging.getLogger("calibrated_samplers")
 FOLDER = "calibrated_samplers"
+HOW_TO_CALIBRATE = f"run the 'Calibrate sampler' node on this model with method {{name}} (files go to models/{FOLDER})"
 # ComfyUI's model_sampling mixins, most specific first (EDM subclasses V_PREDICTION subclasses EPS)
 PREDICTIONS = (("CONST", "flow"), ("EDM", "edm"), ("V_PREDICTION", "v"), ("X0", "x0"), ("EPS", "eps"))
 
@@ -54,11 +55,8 @@ def model_fingerprint(patcher):
     model_sampling = patcher.get_model_object("model_sampling")
     prefix = "diffusion_model."
     backup = getattr(patcher, "backup", None) or {}  # original weights of keys a patch has replaced in place
-    named = []
-    for k, t in base.diffusion_model.state_dict().items():
-        if t.ndim == 1:
-            saved = backup.get(prefix + k)
-            named.append((k, saved.weight if saved is not None else t))
+    named = one_dimensional(base.diffusion_model,
+                            lambda k: getattr(backup.get(prefix + k), "weight", None))
     patches = []
     for key, entries in sorted((getattr(patcher, "patches", None) or {}).items()):
         for entry in entries:
@@ -84,22 +82,6 @@ def run_context(model):
     return patcher, model_sampling, family_of(model_sampling), (None if cfg is None else float(cfg))
 
 
-def _schedule_text(sigmas):
-    sig = [float(s) for s in sigmas]
-    return f"{len(sig) - 1} steps, sigmas {sig[0]:.4g} ... {sig[-1]:.4g}"
-
-
-def no_calibration_message(name, sigmas, cfg, notes):
-    fn = SAMPLERS[name]
-    cfg_text = "any cfg" if cfg is None else f"cfg {cfg:g}"
-    lines = [f"[Calibrated Samplers] {name}: no calibration in models/{FOLDER} matches this model, "
-             f"{_schedule_text(sigmas)} and {cfg_text}; running the UNCALIBRATED {fn.base} solver. "
-             f"To calibrate: run the 'Calibrate sampler' node on this model with method {name}, the same "
-             f"scheduler and steps, and {cfg_text}."]
-    lines += [f"    passed over {n}" for n in notes[:8]]
-    return "\n".join(lines)
-
-
 def dropdown_sampler(name, library):
     """The function ComfyUI's KSampler calls for ``name``: finds the matching saved calibration, or warns."""
     fn = SAMPLERS[name]
@@ -110,7 +92,7 @@ def dropdown_sampler(name, library):
         if fn.kind != "plain":
             calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(patcher), cfg)
             if calibration is None:
-                log.warning(no_calibration_message(name, sigmas, cfg, notes))
+                log.warning(no_match_message(name, fn.base, sigmas, cfg, notes, HOW_TO_CALIBRATE.format(name=name)))
             else:
                 log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,

@@ -64,7 +64,7 @@ def model_family(sd_model):
 
 def model_fingerprint(sd_model):
     """calibration.identity's fingerprint: the same rule as the ComfyUI nodes, so files move between the UIs."""
-    from calibrated_samplers.calibration.identity import fingerprint
+    from calibrated_samplers.calibration.identity import fingerprint, one_dimensional
     forge = getattr(sd_model, "forge_objects", None)
     if forge is not None:
         unet = forge.unet
@@ -74,11 +74,7 @@ def model_fingerprint(sd_model):
     else:
         net = sd_model.model.diffusion_model
         backup, patches = {}, []
-    named = []
-    for k, t in net.state_dict().items():
-        if t.ndim == 1:
-            saved = backup.get("diffusion_model." + k)
-            named.append((k, saved if saved is not None and hasattr(saved, "ndim") else t))
+    named = one_dimensional(net, lambda k: backup.get("diffusion_model." + k))
     prediction, family = model_family(sd_model)
     return fingerprint(named, prediction, family.name, family.shift, patches, model=type(sd_model).__name__)
 
@@ -108,6 +104,7 @@ def pending_job(method):
 def make_sampler(name, library, env):
     """The k-diffusion-style function the web UI calls for ``name``. ``env`` gives the web UI's state
     (``sd_model()``, ``sgm_noise_multiplier()``, ``conds(p, prompt, batch)``) so tests can stand in for it."""
+    from calibrated_samplers.calibration.library import no_match_message
     from calibrated_samplers.samplers import SAMPLERS
     fn = SAMPLERS[name]
 
@@ -124,8 +121,9 @@ def make_sampler(name, library, env):
             cfg = extra_args.get("cond_scale")
             calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg)
             if calibration is None:
-                text = no_calibration_message(name, sigmas, cfg, notes)
-                log.warning(text)
+                log.warning(no_match_message(
+                    LABELS[name], fn.base, sigmas, cfg, notes,
+                    f"use the 'Calibrated Samplers' tab or POST /calibrated-samplers/calibrate (files go to models/{FOLDER})"))
                 note = f"none: uncalibrated {fn.base}"
             else:
                 note = f"{os.path.basename(path)} ({file_hash(path)})"
@@ -136,17 +134,6 @@ def make_sampler(name, library, env):
 
     sample.__name__ = f"sample_{name}"
     return sample
-
-
-def no_calibration_message(name, sigmas, cfg, notes):
-    from calibrated_samplers.samplers import SAMPLERS
-    sig = [float(s) for s in sigmas]
-    cfg_text = "any cfg" if cfg is None else f"cfg {float(cfg):g}"
-    lines = [f"[Calibrated Samplers] {LABELS[name]}: no calibration in models/{FOLDER} matches this checkpoint, "
-             f"{len(sig) - 1} steps (sigmas {sig[0]:.4g} ... {sig[-1]:.4g}) and {cfg_text}; running the UNCALIBRATED "
-             f"{SAMPLERS[name].base} solver. Calibrate it in the 'Calibrated Samplers' tab (or POST "
-             f"/calibrated-samplers/calibrate) with this scheduler, steps and {cfg_text}."]
-    return "\n".join(lines + [f"    passed over {n}" for n in notes[:8]])
 
 
 def calibration_run(model, x, sigmas, extra_args, job, env, p):

@@ -115,7 +115,7 @@ def test_ksampler_dropdown_finds_the_file_and_differs_from_the_base(server, eps_
     other_cfg = example("ksampler_with_saved_calibration")
     other_cfg["3"]["inputs"]["cfg"] = 3.0
     fallback = server.run(other_cfg)
-    assert "no calibration in models/calibrated_samplers matches" in fallback["log"]
+    assert "no calibration file matches this model" in fallback["log"]
     assert "eps_a.safetensors: was made for cfg 5, this run uses cfg 3" in fallback["log"]
     stock = example("ksampler_with_saved_calibration")
     stock["3"]["inputs"].update(cfg=3.0, sampler_name="dpmpp_2m")
