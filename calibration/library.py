@@ -67,6 +67,10 @@ class Library:
 
     def entries(self):
         """[(path, Calibration or CalibrationFileError)] for every listed file."""
+        return [(path, cal) for path, _, cal in self._scan()]
+
+    def _scan(self):
+        """[(path, mtime_ns, Calibration or CalibrationFileError)], loading only new or changed files."""
         out = []
         for path in self._list_paths():
             try:
@@ -79,7 +83,7 @@ class Library:
                     self._cache[key] = load(path)
                 except CalibrationFileError as e:
                     self._cache[key] = e
-            out.append((path, self._cache[key]))
+            out.append((path, st.st_mtime_ns, self._cache[key]))
         return out
 
     def find(self, method, sigmas, family, fingerprint, cfg=None):
@@ -91,7 +95,7 @@ class Library:
         fam = Family.of(family)
         sig = [float(s) for s in sigmas]
         matches, notes = [], []
-        for path, cal in self.entries():
+        for path, mtime, cal in self._scan():
             name = os.path.basename(path)
             if isinstance(cal, Exception):
                 notes.append(f"{name}: unreadable ({cal})")
@@ -108,7 +112,7 @@ class Library:
             if why:
                 notes.append(f"{name}: {why}")
                 continue
-            matches.append((os.stat(path).st_mtime_ns, path, cal))
+            matches.append((mtime, path, cal))
         if not matches:
             return None, None, notes
         _, path, cal = max(matches, key=lambda m: (m[0], m[1]))

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from ..calibration import CalibrationCancelled, calibrate
+from ..calibration import calibrate
 from ..calibration.identity import fingerprint, one_dimensional, tensor_digest
 from ..calibration.library import cfg_mismatch, check_model, no_match_message
 from ..samplers import SAMPLERS, Family
@@ -71,15 +71,14 @@ def model_fingerprint(patcher):
 
 
 def run_context(model):
-    """(model patcher, model_sampling, Family, cfg) for the denoiser a ComfyUI sampler function receives."""
+    """(model patcher, Family, cfg) for the denoiser a ComfyUI sampler function receives."""
     guider = getattr(model, "inner_model", None)
     patcher = getattr(guider, "model_patcher", None)
     if patcher is None:
         raise RuntimeError("calibrated samplers run inside ComfyUI's sampling (KSampler, SamplerCustom...): "
                            "the model they were given has no model patcher")
-    model_sampling = patcher.get_model_object("model_sampling")
     cfg = getattr(guider, "cfg", None)
-    return patcher, model_sampling, family_of(model_sampling), (None if cfg is None else float(cfg))
+    return patcher, family_of(patcher.get_model_object("model_sampling")), (None if cfg is None else float(cfg))
 
 
 def dropdown_sampler(name, library):
@@ -87,7 +86,7 @@ def dropdown_sampler(name, library):
     fn = SAMPLERS[name]
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        patcher, _, family, cfg = run_context(model)
+        patcher, family, cfg = run_context(model)
         calibration = None
         if fn.kind != "plain":
             calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(patcher), cfg)
@@ -107,7 +106,7 @@ def dropdown_sampler(name, library):
 def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=None, calibration=None,
                       allow_other_model=False, label="calibration", **options):
     """The SAMPLER function of the calibrated-sampler nodes: one given calibration, checked against the model."""
-    patcher, _, family, cfg = run_context(model)
+    patcher, family, cfg = run_context(model)
     message = check_model(calibration, model_fingerprint(patcher), allow_other_model, label)
     if message:
         log.warning("[Calibrated Samplers] %s (allowed by allow_other_model)", message)
@@ -137,7 +136,7 @@ def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, dis
     first = job.first_noise.to(x.device, torch.float64)
     scale = (x.to(torch.float64) * first).sum() / (first * first).sum()
     states = (job.noise.to(x.device, torch.float64) * scale).to(x.dtype)
-    patcher, _, family, cfg = run_context(model)
+    patcher, family, cfg = run_context(model)
     guider = model.inner_model
     fp = model_fingerprint(patcher)
 

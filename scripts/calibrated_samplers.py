@@ -109,13 +109,13 @@ def make_sampler(name, library, env):
     fn = SAMPLERS[name]
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        sd_model = env.sd_model()
-        prediction, family = model_family(sd_model)
         p = getattr(model, "p", None)
         extra_args = extra_args or {}
         job = pending_job(name)
         if job is not None:
             return calibration_run(model, x, sigmas, extra_args, job, env, p)
+        sd_model = env.sd_model()
+        _, family = model_family(sd_model)
         calibration = None
         if fn.kind != "plain":
             cfg = extra_args.get("cond_scale")
@@ -232,7 +232,6 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     """Calibrate the loaded checkpoint (under the web UI's queue lock); returns (Calibration, path)."""
     import torch
     from modules import call_queue, processing, shared
-    from calibrated_samplers.calibration.picture import residual_image  # noqa: F401  (fail early if missing)
     from calibrated_samplers.nodes.runtime import output_path
     if method not in LABELS or method == "gddim":
         raise ValueError(f"method must be one of {[m for m in LABELS if m != 'gddim']}, got {method!r}")
