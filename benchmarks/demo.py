@@ -13,9 +13,9 @@ import time
 import torch
 
 from calibrated_samplers.calibration import calibrate
-from calibrated_samplers.calibration.cli import testbed
+from calibrated_samplers.calibration.testbed import testbed
 from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations
-from calibrated_samplers.tests.tiny import save_grid
+from calibrated_samplers.calibration.testbed.tiny import save_grid
 
 
 def main():

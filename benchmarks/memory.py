@@ -37,7 +37,7 @@ def child(spec):
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     from calibrated_samplers.calibration import calibrate
-    from calibrated_samplers.calibration.cli import testbed
+    from calibrated_samplers.calibration.testbed import testbed
     bed = testbed(spec["model"])
     sig = bed.sigmas(spec["steps"])
     cond = bed.conditions(spec["cfg"])

@@ -26,9 +26,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 from calibrated_samplers.calibration import calibrate  # noqa: E402
-from calibrated_samplers.calibration.cli import testbed  # noqa: E402
+from calibrated_samplers.calibration.testbed import testbed  # noqa: E402
 from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations  # noqa: E402
-from calibrated_samplers.tests.kdiffusion import load_k_diffusion_sampling  # noqa: E402
+from calibrated_samplers.calibration.testbed.kdiffusion import load_k_diffusion_sampling  # noqa: E402
 from memory import proc_status, reset_peak  # noqa: E402  (benchmarks/memory.py, beside this script)
 
 CALIBRATED = [n for n, f in SAMPLERS.items() if f.kind != "plain"]
@@ -63,7 +63,7 @@ class Digits:
     """Real digits' classifier features, for the Frechet distance and class accuracy."""
 
     def __init__(self):
-        from calibrated_samplers.tests import tiny
+        from calibrated_samplers.calibration.testbed import tiny
         self.clf = tiny.load_classifier()
         real, _ = tiny.digits_data()
         self.mu, self.cov = self.stats(self.clf.features(real))
@@ -109,7 +109,7 @@ class Setting:
         end = float(sig[-1])
         if end not in self.refs:
             if self.bed.name.startswith("analytic"):
-                from calibrated_samplers.tests.analytic import GaussianMixture
+                from calibrated_samplers.calibration.testbed.analytic import GaussianMixture
                 mix = GaussianMixture()
                 x = self.noise(sig, 1000, len(self.labels)).double()
                 fam = "flow" if self.bed.family == "flow" else "ve"
@@ -236,7 +236,7 @@ def plot_setting(st_name, rows, path):
 
 def image_grid(st, path, evals=(4, 5, 6), pairs=(("dpmpp_2m", "iia_dpmpp_2m"), ("ipndm", "amed_ipndm"))):
     """Rows: built-in and calibrated at 4-6 evaluations, then the reference; the same 10 noises (one per class)."""
-    from calibrated_samplers.tests.tiny import save_grid
+    from calibrated_samplers.calibration.testbed.tiny import save_grid
     fam = dict(family=st.bed.family, shift=st.bed.shift)
     K = load_k_diffusion_sampling()
     per = len(st.labels) // len(st.conditions)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from calibrated_samplers.calibration import calibrate
-from calibrated_samplers.calibration.cli import testbed
+from calibrated_samplers.calibration.testbed import testbed
 from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations
 
 

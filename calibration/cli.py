@@ -4,69 +4,16 @@
     python -m calibrated_samplers.calibration inspect cal.safetensors
     python -m calibrated_samplers.calibration plot cal.safetensors cal.png
 
-Bundled models: ``digits-eps`` and ``digits-flow`` (the tiny learned UNets in tests/tiny) and ``analytic-edm``,
-``analytic-eps``, ``analytic-flow`` (the exact Gaussian-mixture denoiser in its family's coordinates).
+Bundled models (``calibration.testbed``): ``digits-eps``, ``digits-flow`` and ``digits-eps-narrow`` (the tiny learned
+UNets) and ``analytic-edm``, ``analytic-eps``, ``analytic-flow`` (the exact Gaussian-mixture denoiser in its
+family's coordinates).
 Calibrating your own checkpoint is done from ComfyUI or the web UI, or from Python with ``calibrate()``.
 """
 import argparse
 import json
-import math
 import sys
 
 import torch
-
-
-class Testbed:
-    """A bundled model with the facts a calibration needs: family, schedule range, sample shape, conditions."""
-
-    def __init__(self, name, model, family, shift, sigma_min, sigma_max, shape, classes, fingerprint):
-        self.name, self.model, self.family, self.shift = name, model, family, shift
-        self.sigma_min, self.sigma_max, self.shape, self.classes = sigma_min, sigma_max, shape, classes
-        self.fingerprint = fingerprint
-
-    def sigmas(self, steps, zero=True):
-        """Karras sigmas (rho 7) for VE-type families; for flow, t uniform in (0, 1] with the model's shift."""
-        from ..tests.analytic import flow_sigmas, karras
-        if self.family == "flow":
-            sig = flow_sigmas(steps, shift=self.shift)
-            return sig if zero else torch.cat([sig[:-1], sig.new_tensor([self.sigma_min])])
-        return karras(steps if zero else steps + 1, self.sigma_min, self.sigma_max, zero=zero)
-
-    def noise(self, n, seed, sigmas):
-        """Initial states for ``n`` seeds: sigma_max * N(0, I), or pure noise for flow (sigma_0 = 1)."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, *self.shape, generator=g)
-        return x if self.family == "flow" else x * float(sigmas[0])
-
-    def conditions(self, cfg):
-        """One extra_args per class (classifier-free guidance at ``cfg``), or a single unconditional one."""
-        if not self.classes:
-            return [{}]
-        return [{"cond": c, "cfg": float(cfg)} for c in range(self.classes)]
-
-
-def testbed(name):
-    if name in ("digits-eps", "digits-flow"):
-        from ..tests import tiny
-        model = tiny.load(name)
-        fingerprint = f"sha256:{tiny.file_sha256(tiny.weight_path(name))}"
-        if name == "digits-eps":
-            return Testbed(name, model, "eps", 1.0, model.sigma_min, model.sigma_max, tiny.IMAGE_SHAPE, 10,
-                           fingerprint)
-        return Testbed(name, model, "flow", 1.0, 1e-3, 1.0, tiny.IMAGE_SHAPE, 10, fingerprint)
-    if name in ("analytic-edm", "analytic-eps", "analytic-flow"):
-        from ..tests.analytic import DiscreteSchedule, GaussianMixture
-        mix = GaussianMixture()
-        fp = "analytic:GaussianMixture(seed=0)"
-        if name == "analytic-edm":
-            return Testbed(name, mix.edm(), "edm", 1.0, 0.002, 80.0, mix.shape, mix.n_classes, fp)
-        if name == "analytic-eps":
-            sched = DiscreteSchedule()
-            return Testbed(name, mix.discrete_eps(sched), "eps", 1.0, sched.sigma_min, sched.sigma_max, mix.shape,
-                           mix.n_classes, fp)
-        return Testbed(name, mix.flow(), "flow", 3.0, 1e-3, 1.0, mix.shape, mix.n_classes, fp)
-    raise SystemExit(f"unknown model {name!r}: choose digits-eps, digits-flow, analytic-edm, analytic-eps or "
-                     "analytic-flow")
 
 
 def _schedule(bed, sampler, steps, evaluations):
@@ -81,7 +28,11 @@ def _schedule(bed, sampler, steps, evaluations):
 
 def cmd_calibrate(args):
     from .engine import calibrate
-    bed = testbed(args.model)
+    from .testbed import testbed
+    try:
+        bed = testbed(args.model)
+    except ValueError as e:
+        raise SystemExit(str(e))
     sig = _schedule(bed, args.sampler, args.steps, args.evaluations)
     noise = bed.noise(args.batch, args.seed, sig)
     conditions = bed.conditions(args.cfg) if args.cfg is not None else [{}]
@@ -94,15 +45,21 @@ def cmd_calibrate(args):
 
     cal = calibrate(bed.model, sig, args.sampler, noise, conditions, family=bed.family, shift=bed.shift,
                     fine_steps=args.fine_steps, target=args.target, chunk_size=args.chunk_size,
-                    holdout=args.holdout, progress=None if args.quiet else progress,
+                    holdout=args.holdout, sigma_min=bed.sigma_min, end_to_end=args.end_to_end,
+                    learn_sigmas=args.learn_sigmas, budget=args.budget, progress=None if args.quiet else progress,
                     info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed, "cfg": args.cfg,
                           "made_by": "python -m calibrated_samplers.calibration calibrate"})
     if not args.quiet:
         print(file=sys.stderr)
     cal.save(args.out)
+    e2e = cal.info.get("end_to_end")
+    stage = "" if not e2e else (
+        f"; end to end: held-out RMSE {e2e['start_held_out_rmse']:.4g} -> {e2e['held_out_rmse']:.4g} for "
+        f"{e2e['evaluations_per_sample']:.0f} more evaluation equivalents per noise"
+        + (", time steps learned" if cal.sample_sigmas is not None else ""))
+    fell_back = "" if cal.fallback is None else f", {int(cal.fallback.sum())} of {cal.steps} steps at the base update"
     print(f"wrote {args.out}: {cal.method}, {cal.steps} steps, {cal.info['model_evaluations_per_sample']:.0f} "
-          f"model evaluations per noise, {cal.info['seconds']:.1f} s, strength {cal.info['strength']}, "
-          f"{int(cal.fallback.sum())} of {cal.steps} steps fell back")
+          f"model evaluations per noise, {cal.info['seconds']:.1f} s{fell_back}{stage}")
 
 
 def describe(cal):
@@ -121,11 +78,17 @@ def describe(cal):
     names = []
     for k, v in cal.params.items():
         names += [k] if v.ndim == 1 else [f"{k}[{j}]" for j in range(v.shape[1])]
-    header = ["step", "sigma", "sigma_next"] + names + ["resid_before", "resid_after", "fallback"]
+    learned = cal.sample_sigmas
+    header = ["step", "sigma", "sigma_next"] + (["learned", "learned_next"] if learned is not None else []) + names + [
+        "resid_before", "resid_after", "fallback"]
     lines.append("")
+    if learned is not None:
+        lines.append("time steps learned: the file is matched by 'sigma' and samples at 'learned'")
     lines.append("  ".join(f"{h:>12s}" for h in header))
     for i in range(cal.steps):
         vals = [f"{i:>12d}", f"{float(cal.sigmas[i]):>12.5g}", f"{float(cal.sigmas[i + 1]):>12.5g}"]
+        if learned is not None:
+            vals += [f"{float(learned[i]):>12.5g}", f"{float(learned[i + 1]):>12.5g}"]
         for v in cal.params.values():
             row = v[i].reshape(-1).tolist()
             vals += [f"{x:>12.5g}" for x in row]
@@ -181,12 +144,13 @@ def cmd_plot(args):
 
 def main(argv=None):
     from ..samplers import SAMPLERS
+    from .testbed import NAMES
     calibrated = sorted(n for n, f in SAMPLERS.items() if f.kind != "plain")
     p = argparse.ArgumentParser(prog="python -m calibrated_samplers.calibration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("calibrate", help="fit a calibration for a bundled model and save it")
-    c.add_argument("--model", default="digits-eps")
+    c.add_argument("--model", default="digits-eps", help="a bundled model: " + ", ".join(NAMES))
     c.add_argument("--sampler", default="iia_dpmpp_2m", choices=calibrated)
     g = c.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=5)
@@ -199,6 +163,12 @@ def main(argv=None):
     c.add_argument("--target", default="trajectory", choices=["trajectory", "local"])
     c.add_argument("--holdout", type=float, default=0.25)
     c.add_argument("--chunk-size", type=int, default=64)
+    c.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
+                   help="only the per-step fit (faster, usually less accurate)")
+    c.add_argument("--no-learn-sigmas", dest="learn_sigmas", action="store_false",
+                   help="keep the requested time steps in the end-to-end stage")
+    c.add_argument("--budget", type=float, default=None, help="model-evaluation equivalents per noise for the "
+                   "end-to-end stage (default: a multiple of the per-step fit's)")
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--out", required=True)
     c.set_defaults(run=cmd_calibrate)

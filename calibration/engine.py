@@ -30,6 +30,7 @@ from ..samplers import amed as A
 from ..samplers import base as B
 from ..samplers._core import Denoiser, HISTORY_KEPT, prepare, remember, sigma_list
 from ..samplers.iia import VARIANT_BY_NAME
+from . import end_to_end as E
 from .file import Calibration
 
 TARGETS = ("trajectory", "local")
@@ -37,6 +38,8 @@ RIDGES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 AMED_R = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 AMED_REFINE = ((-0.05, 0.9), (-0.05, 1.0), (-0.05, 1.1), (0.0, 0.9), (0.0, 1.1), (0.05, 0.9), (0.05, 1.0), (0.05, 1.1))
 STRENGTHS = (1.0, 0.75, 0.5, 0.25, 0.0)
+BUDGET_FACTOR = 8.0  # the end-to-end stage's default budget, in multiples of the per-step fit's evaluations
+E2E_UNITS = 100  # progress units of the end-to-end stage (its length is known only as a budget)
 
 
 class CalibrationCancelled(RuntimeError):
@@ -112,8 +115,8 @@ class _Run:
     """Everything one calibration carries: the batch, its chunks, the teacher and the bookkeeping."""
 
     def __init__(self, model, sigmas, noise, conditions, family, chunk_size, holdout, storage_device,
-                 progress, cancel):
-        self.model, self.family = model, family
+                 progress, cancel, sigma_min=None):
+        self.model, self.family, self.sigma_min = model, family, sigma_min
         self.sig = sigma_list(sigmas)
         self.n_steps = len(self.sig) - 1
         x = prepare(noise)[0]
@@ -142,26 +145,39 @@ class _Run:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
+    def tick_to(self, done):
+        while self.done < min(done, self.total):
+            self.tick()
+
     def check_cancel(self):
         if self.cancel is not None and self.cancel():
             raise CalibrationCancelled("calibration cancelled; nothing was saved")
 
 
-def _sub_grid(a, b, fine_steps):
-    """``fine_steps`` equal sub-steps of [a, b] in log sigma (linear into sigma = 0)."""
+def _sub_grid(a, b, fine_steps, sigma_min=None):
+    """``fine_steps`` equal sub-steps of [a, b] in log sigma.
+
+    Into sigma = 0: equal sub-steps in log sigma down to ``sigma_min`` (the smallest sigma the model is defined
+    at), then the final step to 0 from there, as every sampler's last step does; with no ``sigma_min`` (a model
+    defined everywhere, like the analytic mixture) equal sub-steps in sigma all the way.
+    """
     if b > 0:
         grid = [math.exp(math.log(a) + (math.log(b) - math.log(a)) * j / fine_steps) for j in range(fine_steps + 1)]
-    else:
+    elif sigma_min is None:
         grid = [a + (b - a) * j / fine_steps for j in range(fine_steps + 1)]
+    elif a <= sigma_min * (1 + 1e-6) or fine_steps == 1:
+        grid = [a, b]
+    else:
+        grid = _sub_grid(a, sigma_min, fine_steps - 1) + [b]
     grid[0], grid[-1] = a, b
     return grid
 
 
-def _sub_solve(step_fn, ev, x, a, b, fine_steps, hist, family, options):
+def _sub_solve(step_fn, ev, x, a, b, fine_steps, hist, family, options, sigma_min=None):
     """The teacher solver over ``fine_steps`` sub-steps of [a, b], continuing ``hist``; returns (x, hist)."""
-    grid = _sub_grid(a, b, fine_steps)
+    grid = _sub_grid(a, b, fine_steps, sigma_min)
     sub_hist = list(hist)
-    for j in range(fine_steps):
+    for j in range(len(grid) - 1):
         x, q = step_fn(ev, x, j, grid, sub_hist, family, **options)
         remember(sub_hist, q)
     return x, sub_hist
@@ -191,7 +207,7 @@ class _Teacher:
             x = x.to(run.device)
             ev = run.denoiser(ch, x)
             x, hist = _sub_solve(self.step_fn, ev, x, run.sig[i], run.sig[i + 1], self.fine_steps,
-                                 _take(hist, slice(None), run.device), run.family, self.options)
+                                 _take(hist, slice(None), run.device), run.family, self.options, run.sigma_min)
             run.count(ev, ch)
             x = x.to(run.storage)
             self.states[j] = (x, _take(hist[-HISTORY_KEPT:], slice(None), run.storage))
@@ -212,7 +228,7 @@ class _Teacher:
     def local(self, i, x, hist, ev):
         """The fine solve of [sigma_i, sigma_{i+1}] from a calibrated state (the IIA paper's target)."""
         return _sub_solve(self.step_fn, ev, x, self.run.sig[i], self.run.sig[i + 1], self.fine_steps, hist,
-                          self.run.family, self.options)[0]
+                          self.run.family, self.options, self.run.sigma_min)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,19 +265,22 @@ def _solve(gram, ridge):
     return torch.linalg.solve(gram.G + ridge * scale * torch.eye(k, dtype=torch.float64), gram.r)
 
 
-def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info):
+def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info, scales):
     step_fn = B.BASE_STEPS[variant.base][0]
-    n_coeffs = variant.n_terms * (depth + 1)
+    n_coeffs = variant.columns(depth)
     coeffs = torch.zeros(run.n_steps, n_coeffs, dtype=torch.float64)
     before = torch.zeros(run.n_steps, dtype=torch.float64)
     after = torch.zeros(run.n_steps, dtype=torch.float64)
     fallback = torch.zeros(run.n_steps, dtype=torch.float64)
     ridges = []
     hist = []
+    step_rms = torch.zeros(run.n_steps, dtype=torch.float64)
+    gram = torch.zeros(run.n_steps, n_coeffs, n_coeffs, dtype=torch.float64)
     for i in range(run.n_steps):
         targets = teacher.advance(i, range(len(run.chunks))) if target == "trajectory" else None
         fit, held = _Gram(n_coeffs), _Gram(n_coeffs)
         x_base, records, live = [], [], None
+        moved = 0.0
         for j, ch in enumerate(run.chunks):
             x = run.x[ch.sl].to(run.device)
             h = _take(hist, ch.sl, run.device)
@@ -275,9 +294,12 @@ def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info):
             for k in live:
                 g[:, k] = _flat(basis[k])
             (held if ch.held_out else fit).add(g, _flat(y - xb))
+            moved += float(_flat(xb - x).pow(2).sum())
             x_base.append(xb.to(run.storage))
             records.append(_take([q], slice(None), run.storage))
             run.tick()
+        step_rms[i] = math.sqrt(moved / (run.x0.numel()))
+        gram[i] = (fit.G + held.G) / run.x0.numel()
         c = torch.zeros(n_coeffs, dtype=torch.float64)
         chosen = None
         if live:
@@ -308,10 +330,11 @@ def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info):
                 xb = variant.correct(xb, c.tolist(), _take([q_all], ch.sl, run.device)[0],
                                      _take(hist, ch.sl, run.device), run.family, depth, i)
             new_x.append(xb.to(run.storage))
-        remember(hist, q_all)
+        remember(hist, q_all, max(HISTORY_KEPT, depth + 1))
         run.x = torch.cat(new_x)
         run.check_cancel()
     fit_info["ridge"] = ridges
+    scales["coeffs"] = E.iia_scales(step_rms, gram)
     return {"coeffs": coeffs}, before.sqrt(), after.sqrt(), fallback
 
 
@@ -474,7 +497,9 @@ def _best_variant(model, sigmas, sampler, noise, extra_args, progress, settings,
 
 def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,
-              storage_device=None, progress=None, cancel=None, info=None, **options):
+              sigma_min=None, end_to_end=True, learn_params=True, learn_sigmas=True, budget=None, time_limit=None,
+              optimizer="adam", learning_rate=0.003, fit_batch=64, storage_device=None, progress=None, cancel=None,
+              info=None, **options):
     """Fit ``sampler``'s per-step parameters to ``model`` on the schedule ``sigmas``; returns a ``Calibration``.
 
     ``noise``: the batch of initial states (already scaled to sigmas[0], as a sampler receives them).
@@ -484,11 +509,28 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     ``history``: IIA history depth r (default: the variant's deepest). ``ridge``: IIA ridge, relative to the
     Gram diagonal (default: chosen on the held-out share). ``holdout``: held-out share of each condition's
     noises. ``chunk_size``: samples per model call. ``validate``: the end-to-end held-out check.
+    ``sigma_min``: the smallest sigma the model is defined at (ComfyUI's ``model_sampling.sigma_min``): the
+    teacher's step into sigma = 0 is sub-stepped down to it and ends there as the sampler's last step does;
+    None for a model defined at every sigma.
     ``storage_device``: where per-sample states wait between chunks (e.g. "cpu" to spare GPU memory).
+    ``end_to_end``: after the per-step fit, learn all steps' parameters jointly through the sampler and the
+    model against the teacher's endpoint (end_to_end.py; needs ``validate`` and a held-out share).
+    ``learn_sigmas``: let that stage move the interior time steps too (the file then samples on them).
+    ``learn_params=False``: keep the sampler's own parameters at the base solver's (no per-step fit); with
+    ``learn_sigmas`` only the time steps are learned (an LD3-style schedule for the plain solver).
+    ``budget``: model-evaluation equivalents per noise that stage may spend (a backward pass counts two;
+    default ``BUDGET_FACTOR`` times what the per-step fit spent); ``time_limit``: seconds, optional.
+    ``optimizer``: "adam" (``fit_batch`` fit noises per step, ``learning_rate`` decayed over the budget) or
+    "lbfgs" (full batch).
     ``progress(done, total)`` and ``cancel() -> bool`` are called between chunks. ``info``: extra metadata
     for the file (cfg, seed, model fingerprint...). Remaining ``options`` are solver options (``afs``,
     ``max_order``, ``variable_step``) saved with the calibration and used by the sampler.
     """
+    settings = dict(family=family, shift=shift, fine_steps=fine_steps, target=target, history=history, ridge=ridge,
+                    holdout=holdout, chunk_size=chunk_size, validate=validate, sigma_min=sigma_min,
+                    end_to_end=end_to_end, learn_params=learn_params, learn_sigmas=learn_sigmas, budget=budget,
+                    time_limit=time_limit, optimizer=optimizer, learning_rate=learning_rate, fit_batch=fit_batch,
+                    storage_device=storage_device, cancel=cancel, info=info)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; calibrated samplers are "
                          f"{sorted(n for n, f in SAMPLERS.items() if f.kind != 'plain')}")
@@ -519,46 +561,53 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         # but measured worse end to end in some cells (analytic testbed: better at 8 evaluations, worse at 10).
         # The per-step fit cannot see either, so fit both and keep the better on the held-out noises.
         if validate and holdout > 0:
-            return _best_variant(model, sigmas, sampler, noise, extra_args, progress,
-                                 dict(family=family, shift=shift, fine_steps=fine_steps, target=target,
-                                      history=history, ridge=ridge, holdout=holdout, chunk_size=chunk_size,
-                                      validate=validate, storage_device=storage_device, cancel=cancel, info=info,
-                                      **options),
+            return _best_variant(model, sigmas, sampler, noise, extra_args, progress, dict(settings, **options),
                                  [{"variable_step": True}, {"variable_step": False}])
         options["variable_step"] = True
     afs = bool(options.get("afs", False))
     solver_options = {k: v for k, v in options.items() if k not in ("afs", "basis")}
     started = time.perf_counter()
-    run = _Run(model, sigmas, noise, conditions, fam, int(chunk_size), holdout, storage_device, progress, cancel)
+    run = _Run(model, sigmas, noise, conditions, fam, int(chunk_size), holdout, storage_device, progress, cancel,
+               None if sigma_min is None else float(sigma_min))
     n_chunks = len(run.chunks)
     held = [j for j, ch in enumerate(run.chunks) if ch.held_out]
-    ends_in_zero = 1 if run.sig[-1] == 0 else 0
+    end_to_end = bool(end_to_end and validate and held and (learn_params or learn_sigmas))
+    sequential = learn_params or not end_to_end  # schedule-only (LD3-style) runs keep the base solver's parameters
     if fn.kind == "iia":
+        variant = VARIANT_BY_NAME[sampler].with_basis(options.get("basis"))
+        depth = variant.max_depth if history is None else int(history)
+        if not 0 <= depth <= variant.max_depth:
+            raise ValueError(f"{sampler} supports history depth 0 to {variant.max_depth}, got {depth}")
+    ends_in_zero = 1 if run.sig[-1] == 0 else 0
+    if not sequential:
+        units = 0
+    elif fn.kind == "iia":
         units = run.n_steps * n_chunks
     else:  # search, refine and advance per step; the step into sigma = 0 only advances
         units = (3 * run.n_steps - 2 * ends_in_zero) * n_chunks
-    teacher_chunks = n_chunks if target == "trajectory" else (len(held) if validate else 0)
-    n_candidates = len(STRENGTHS) + (1 if user_options != options else 0)
+    teacher_chunks = n_chunks if (target == "trajectory" and sequential) or end_to_end else (
+        len(held) if validate else 0)
+    n_candidates = (len(STRENGTHS) if sequential else 1) + (1 if user_options != options else 0)
     run.total = units + run.n_steps * teacher_chunks + (n_candidates * len(held) if validate else 0)
+    run.total += E2E_UNITS if end_to_end else 0
     teacher = _Teacher(run, fn.base, int(fine_steps), options)
-    fit_info = {}
+    fit_info, scales = {}, {}
+    before = after = fallback = None
     with torch.no_grad():
-        if fn.kind == "iia":
-            variant = VARIANT_BY_NAME[sampler].with_basis(options.get("basis"))
-            depth = variant.max_depth if history is None else int(history)
-            if not 0 <= depth <= variant.max_depth:
-                raise ValueError(f"{sampler} supports history depth 0 to {variant.max_depth}, got {depth}")
+        if not sequential:
+            params = _base_params(fn.kind, run.n_steps, variant.columns(0) if fn.kind == "iia" else None)
+        elif fn.kind == "iia":
             params, before, after, fallback = _fit_iia(run, variant, teacher, target, depth, ridge,
-                                                       solver_options, fit_info)
+                                                       solver_options, fit_info, scales)
         else:
             params, before, after, fallback = _fit_amed(run, sampler, teacher, target, afs, solver_options,
                                                         fit_info)
+        if teacher_chunks and len(teacher.states) < teacher_chunks:  # teacher endpoints the fit did not need
+            for i in range(run.n_steps):
+                teacher.advance(i, range(n_chunks) if end_to_end else held)
         endpoint, strength = None, 1.0
         if validate and held:
-            if target == "local":  # the local fit never ran the teacher end to end: do it for the held-out share
-                for i in range(run.n_steps):
-                    teacher.advance(i, held)
-            candidates = [(st, options) for st in STRENGTHS]
+            candidates = [(st, options) for st in (STRENGTHS if sequential else (0.0,))]
             if user_options != options:  # the plain sampler as the user would run it is a candidate too
                 candidates.append((0.0, user_options))
             errors = _endpoint_check(run, sampler, params, fn.kind, teacher.endpoint(), candidates, fam)
@@ -567,12 +616,35 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
             strength, options = candidates[min(range(len(candidates)), key=lambda k: (errors[k], -candidates[k][0]))]
             if strength != 1.0:
                 params = _scaled(params, fn.kind, strength)
-            if strength == 0.0:
+            if strength == 0.0 and fallback is not None:
                 fallback = torch.ones_like(fallback)
+    sample_sigmas = None
+    if end_to_end:
+        sequential_cost = run.sample_evaluations / noise.shape[0]
+        limit = BUDGET_FACTOR * sequential_cost if budget is None else float(budget)
+        learn = E.Learnable(fn.kind, params, run.sig, learn_params=learn_params, learn_sigmas=learn_sigmas,
+                            scales=scales.get("coeffs"), device=run.device)
+        start = run.done
+        import os
+        stage = E.Stage(run, sampler, options, learn, teacher.endpoint(), lr=learning_rate, batch=fit_batch,
+                        budget=limit, time_limit=time_limit, loss=os.environ.get("CS_LOSS", "rmse"),
+                        progress=lambda spent: run.tick_to(start + min(E2E_UNITS, int(E2E_UNITS * spent / limit))))
+        fit_info["end_to_end"] = stage.optimise(optimizer)
+        fit_info["end_to_end"].update(budget=round(limit, 2), learn_sigmas=learn.learn_sigmas,
+                                      learn_params=bool(learn_params),
+                                      start_evaluations_per_sample=round(sequential_cost, 2))
+        run.tick_to(start + E2E_UNITS)
+        if fit_info["end_to_end"]["best_round"] > 0:
+            params, sample_sigmas = learn.values()
+            if fallback is not None:
+                fallback = _unchanged_steps(params, fn.kind)
+        endpoint = (endpoint or []) + [{"stage": "end_to_end", "options": dict(options),
+                                        "rmse": fit_info["end_to_end"]["held_out_rmse"]}]
     elapsed = time.perf_counter() - started
     meta = dict(info or {})
     meta.update({
         "fine_steps": int(fine_steps), "target": target, "teacher": f"{fn.base} x {int(fine_steps)} sub-steps",
+        "sigma_min": sigma_min,
         "batch": int(noise.shape[0]), "conditions": len(conditions), "holdout": holdout,
         "chunk_size": int(chunk_size), "model_evaluations_per_sample": run.sample_evaluations / noise.shape[0],
         "model_calls": run.model_calls, "seconds": round(elapsed, 3), "strength": strength,
@@ -580,6 +652,20 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         **fit_info,
     })
     if fn.kind == "iia":
-        meta["history"] = int(params["coeffs"].shape[1] // variant.n_terms - 1)
+        meta["history"] = variant.depth(params["coeffs"].shape[1])
     return Calibration(sampler, sigmas, params, family=fam.name, shift=fam.shift, options=options, info=meta,
-                       residual_before=before, residual_after=after, fallback=fallback)
+                       sample_sigmas=sample_sigmas, residual_before=before, residual_after=after, fallback=fallback)
+
+
+def _base_params(kind, n_steps, columns=None):
+    """The parameters with which a calibrated sampler is exactly its base solver."""
+    if kind == "iia":
+        return {"coeffs": torch.zeros(n_steps, columns, dtype=torch.float64)}
+    return {k: torch.full((n_steps,), A.DEFAULTS[k], dtype=torch.float64) for k in ("r", "c", "a")}
+
+
+def _unchanged_steps(params, kind):
+    """1 where a step's parameters are exactly the base update's, else 0."""
+    if kind == "iia":
+        return (params["coeffs"] == 0).all(dim=1).to(torch.float64)
+    return E.amed_defaults_of(params).to(torch.float64)

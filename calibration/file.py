@@ -1,8 +1,10 @@
 """The calibration file: safetensors tensors plus string metadata, never pickle.
 
-Tensors: ``sigmas`` (float64, the exact schedule), the method's per-step parameters (IIA ``coeffs``, AMED
-``r``/``c``/``a``), and optionally ``residual_before`` / ``residual_after`` (per-step held-out residuals) and
-``fallback`` (1 where a step reverted to the base update). Metadata: ``format``, ``format_version``,
+Tensors: ``sigmas`` (float64, the exact schedule the calibration was asked for: what a run is matched by), the
+method's per-step parameters (IIA ``coeffs``, AMED ``r``/``c``/``a``), and optionally ``sample_sigmas`` (the
+schedule it samples on when its time steps were learned: same count, same first and last sigma; format version
+2, which older packs refuse instead of sampling on the wrong schedule), ``residual_before`` / ``residual_after``
+(per-step held-out residuals) and ``fallback`` (1 where a step reverted to the base update). Metadata: ``format``, ``format_version``,
 ``method``, ``base``, ``family``, ``shift``, ``options`` (JSON of the solver options fitted with),
 ``pack_version`` and ``info`` (JSON: cfg, fine_steps, batch size, seed, model fingerprint and how it was
 computed, the fit's settings). Loading validates every field and refuses what it does not understand.
@@ -19,8 +21,9 @@ from ..samplers import SAMPLERS, Family
 from ..samplers.iia import VARIANT_BY_NAME
 
 FORMAT = "calibrated-samplers"
-FORMAT_VERSION = 1
-OPTIONAL_TENSORS = ("residual_before", "residual_after", "fallback")
+FORMAT_VERSION = 2  # 2 adds sample_sigmas; a file without them is still written as 1, which every version reads
+READABLE_VERSIONS = ("1", "2")
+OPTIONAL_TENSORS = ("sample_sigmas", "residual_before", "residual_after", "fallback")
 REQUIRED_METADATA = ("format", "format_version", "method", "base", "family", "shift", "options", "pack_version", "info")
 
 
@@ -32,7 +35,7 @@ class Calibration:
     """Per-step parameters fitted for one sampler, schedule and model (what the samplers' ``calibration=`` takes)."""
 
     def __init__(self, method, sigmas, params, family="ve", shift=1.0, options=None, info=None,
-                 residual_before=None, residual_after=None, fallback=None):
+                 sample_sigmas=None, residual_before=None, residual_after=None, fallback=None):
         self.method = method
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
         self.params = {k: torch.as_tensor(v, dtype=torch.float64).detach().cpu() for k, v in params.items()}
@@ -40,14 +43,19 @@ class Calibration:
         self.family, self.shift = fam.name, fam.shift
         self.options = dict(options or {})
         self.info = dict(info or {})
-        self.residual_before, self.residual_after, self.fallback = (
+        self.sample_sigmas, self.residual_before, self.residual_after, self.fallback = (
             None if t is None else torch.as_tensor(t, dtype=torch.float64).detach().cpu()
-            for t in (residual_before, residual_after, fallback))
+            for t in (sample_sigmas, residual_before, residual_after, fallback))
         validate(self)
 
     @property
     def steps(self):
         return len(self.sigmas) - 1
+
+    @property
+    def sampling_sigmas(self):
+        """The schedule this calibration samples on: the learned one if it has one, else the requested one."""
+        return self.sigmas if self.sample_sigmas is None else self.sample_sigmas
 
     def __repr__(self):
         return (f"Calibration({self.method!r}, steps={self.steps}, family={self.family!r}, "
@@ -62,7 +70,8 @@ class Calibration:
         return {k: v.contiguous() for k, v in out.items()}
 
     def metadata(self):
-        return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "method": self.method,
+        version = FORMAT_VERSION if self.sample_sigmas is not None else 1
+        return {"format": FORMAT, "format_version": str(version), "method": self.method,
                 "base": SAMPLERS[self.method].base, "family": self.family, "shift": repr(self.shift),
                 "options": json.dumps(self.options, sort_keys=True), "pack_version": PACK_VERSION,
                 "info": json.dumps(self.info, sort_keys=True)}
@@ -100,8 +109,9 @@ def validate(cal, where="calibration"):
     if sig.ndim != 1 or len(sig) < 2 or not torch.isfinite(sig).all() or (sig[:-1] <= sig[1:]).any() or sig[-1] < 0:
         _fail(where, "sigmas must be a finite, strictly decreasing 1-D schedule ending at or above 0")
     n = len(sig) - 1
-    if set(cal.params) != set(fn.params):
-        _fail(where, f"{cal.method} needs parameters {sorted(fn.params)}, the file has {sorted(cal.params)}")
+    if not set(fn.params) <= set(cal.params) <= set(fn.params) | set(fn.optional_params):
+        _fail(where, f"{cal.method} needs parameters {sorted(fn.params)} (optionally {sorted(fn.optional_params)}), "
+                     f"the file has {sorted(cal.params)}")
     for k, v in cal.params.items():
         if v.ndim < 1 or v.shape[0] != n or not torch.isfinite(v).all():
             _fail(where, f"parameter {k!r} must hold finite values for each of the {n} steps, got shape {tuple(v.shape)}")
@@ -113,16 +123,24 @@ def validate(cal, where="calibration"):
             VARIANT_BY_NAME[cal.method].with_basis(cal.options.get("basis")).depth(coeffs.shape[1])
         except ValueError as e:
             _fail(where, str(e))
+        if "a" in cal.params and (cal.params["a"].ndim != 1 or not (cal.params["a"] > 0).all()):
+            _fail(where, "the evaluation time scales 'a' must be one positive number per step")
     else:
         for k in ("r", "c", "a"):
             if cal.params[k].ndim != 1:
                 _fail(where, f"AMED parameter {k!r} must be one number per step")
         if not ((cal.params["r"] > 0) & (cal.params["r"] <= 1)).all() or not (cal.params["a"] > 0).all():
             _fail(where, "AMED needs 0 < r <= 1 and a > 0 at every step")
-    for name in OPTIONAL_TENSORS:
+    for name in OPTIONAL_TENSORS[1:]:
         t = getattr(cal, name)
         if t is not None and (t.shape != (n,) or not torch.isfinite(t).all()):
             _fail(where, f"{name} must hold one finite value per step")
+    learned = cal.sample_sigmas
+    if learned is not None and (
+            learned.shape != sig.shape or not torch.isfinite(learned).all() or (learned[:-1] <= learned[1:]).any()
+            or learned[0] != sig[0] or learned[-1] != sig[-1]):
+        _fail(where, "sample_sigmas must be a strictly decreasing schedule of the same length as sigmas, with the "
+                     "same first and last sigma")
     if not math.isfinite(cal.shift) or cal.shift <= 0:
         _fail(where, f"shift must be a positive number, got {cal.shift}")
 
@@ -143,9 +161,9 @@ def load(path):
         _fail(path, f"metadata lacks {missing}: not a calibration file of this pack, or damaged")
     if meta["format"] != FORMAT:
         _fail(path, f"format is {meta['format']!r}, expected {FORMAT!r}")
-    if meta["format_version"] != str(FORMAT_VERSION):
-        _fail(path, f"format version {meta['format_version']!r} is not the one this pack reads ({FORMAT_VERSION}); "
-                    "update the pack or recalibrate")
+    if meta["format_version"] not in READABLE_VERSIONS:
+        _fail(path, f"format version {meta['format_version']!r} is not one this pack reads "
+                    f"({', '.join(READABLE_VERSIONS)}); update the pack or recalibrate")
     if meta["method"] in SAMPLERS and meta["base"] != SAMPLERS[meta["method"]].base:
         _fail(path, f"base solver {meta['base']!r} does not match {meta['method']!r}'s ({SAMPLERS[meta['method']].base!r})")
     try:
@@ -161,6 +179,8 @@ def load(path):
     unknown = sorted(set(tensors) - known)
     if unknown or "sigmas" not in tensors:
         _fail(path, f"unexpected tensors {unknown}" if unknown else "no sigmas tensor")
+    if "sample_sigmas" in tensors and meta["format_version"] == "1":
+        _fail(path, "a version 1 file cannot hold sample_sigmas: damaged or hand-edited")
     params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
     try:
         return Calibration(meta["method"], tensors["sigmas"], params, meta["family"], shift, options, info,

@@ -67,7 +67,8 @@ def comfy_version():
 
 
 def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, batch_size, seed, filename,
-                   width, height, negative=None, latent=None, sigmas=None, chunk_size=8, overwrite=False):
+                   width, height, negative=None, latent=None, sigmas=None, chunk_size=8, overwrite=False,
+                   end_to_end=True, learn_sigmas=True, max_minutes=0.0):
     import comfy.model_management as mm
     import comfy.samplers
     import comfy.utils
@@ -91,8 +92,9 @@ def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, b
 
     info = {"made_by": "ComfyUI Calibrate node", "comfyui": comfy_version(), "schedule": schedule, "seed": seed,
             "prompts": len(pairs), "latent_shape": list(shape)}
-    job = CalibrationJob(method, noise, first, len(pairs), {"fine_steps": fine_steps, "chunk_size": chunk_size},
-                         info, progress, mm.processing_interrupted)
+    fit_options = {"fine_steps": fine_steps, "chunk_size": chunk_size, "end_to_end": bool(end_to_end),
+                   "learn_sigmas": bool(learn_sigmas), "time_limit": 60.0 * max_minutes if max_minutes else None}
+    job = CalibrationJob(method, noise, first, len(pairs), fit_options, info, progress, mm.processing_interrupted)
     guider = make_guider(model, pairs, cfg)
     sampler = comfy.samplers.KSAMPLER(sample_calibration_run, extra_options={"job": job})
     try:
@@ -106,7 +108,7 @@ def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, b
     if cal.residual_before is not None:
         gained = f"; held-out residual {float(cal.residual_before.sum()):.4g} -> {float(cal.residual_after.sum()):.4g}"
     log.info("[Calibrated Samplers] wrote %s (%s, %s%s)", path, method, schedule, gained)
-    return cal, cal.sigmas.to(torch.float32), residual_image(cal)[None]
+    return cal, cal.sampling_sigmas.to(torch.float32), residual_image(cal)[None]
 
 
 def sampler_node(calibration, allow_other_model=False, sigmas=None, label="calibration"):
@@ -115,7 +117,7 @@ def sampler_node(calibration, allow_other_model=False, sigmas=None, label="calib
         check_calibration(calibration, calibration.method, [float(s) for s in sigmas], Family.of(calibration.family))
     sampler = comfy.samplers.KSAMPLER(sample_calibrated, extra_options={
         "calibration": calibration, "allow_other_model": bool(allow_other_model), "label": label})
-    return sampler, calibration.sigmas.to(torch.float32)
+    return sampler, calibration.sampling_sigmas.to(torch.float32)
 
 
 def sampler_from_file_node(calibration_file, allow_other_model=False, sigmas=None):
@@ -165,7 +167,13 @@ NODES = [
           In("sigmas", "SIGMAS", optional=True, tooltip="a custom schedule instead of scheduler/steps"),
           In("chunk_size", "INT", 8, optional=True, min=1, max=1024, tooltip="samples per model call: lower it "
              "if you run out of memory; the result does not depend on it"),
-          In("overwrite", "BOOLEAN", False, optional=True)],
+          In("overwrite", "BOOLEAN", False, optional=True),
+          In("end_to_end", "BOOLEAN", True, optional=True, tooltip="after the per-step fit, tune all steps together "
+             "through the model (slower, usually much better)"),
+          In("learn_sigmas", "BOOLEAN", True, optional=True, tooltip="let the end-to-end stage move the time steps; "
+             "the file then samples on its own sigmas (the SIGMAS output) and is still found by this scheduler"),
+          In("max_minutes", "FLOAT", 0.0, optional=True, min=0.0, max=1440.0, step=1.0,
+             tooltip="stop the end-to-end stage after this many minutes (0: its default budget only)")],
          [("CALIBRATION", "calibration"), ("SIGMAS", "sigmas"), ("IMAGE", "residuals")],
          calibrate_node, output_node=True),
     Node("CalibratedSamplersSampler", "Calibrated sampler", CATEGORY,

@@ -139,6 +139,7 @@ def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, dis
     patcher, family, cfg = run_context(model)
     guider = model.inner_model
     fp = model_fingerprint(patcher)
+    sigma_min = getattr(patcher.get_model_object("model_sampling"), "sigma_min", None)
 
     def denoiser(xs, sigma, prompt=0, **kwargs):
         guider.active_prompt = prompt
@@ -147,7 +148,8 @@ def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, dis
     conditions = [dict(extra_args or {}, prompt=k) for k in range(job.prompts)]
     info = dict(job.info, cfg=cfg, fingerprint=fp["id"], fingerprint_detail=fp)
     job.result = calibrate(denoiser, sigmas, job.method, states, conditions, family=family.name, shift=family.shift,
-                           progress=job.progress, cancel=job.cancel, info=info, **job.fit_options)
+                           sigma_min=None if sigma_min is None else float(sigma_min), progress=job.progress,
+                           cancel=job.cancel, info=info, **job.fit_options)
     return x
 
 

@@ -7,11 +7,32 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 try:  # progress bars are a nicety; tqdm ships with ComfyUI, A1111 and k-diffusion but is not a dependency
     from tqdm.auto import trange as _trange
 except ImportError:  # pragma: no cover
     _trange = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Scalars: a schedule or a coefficient is a python float when sampling, a 0-d tensor that carries gradients
+# when the end-to-end calibration differentiates through the same step code.
+# --------------------------------------------------------------------------------------------------
+
+def _either(float_fn, tensor_fn):
+    def fn(v):
+        return tensor_fn(v) if torch.is_tensor(v) else float_fn(v)
+    fn.__name__ = float_fn.__name__
+    return fn
+
+
+log, exp, expm1, log1p = (_either(getattr(math, n), getattr(torch, n)) for n in ("log", "exp", "expm1", "log1p"))
+
+
+def hypot(a, b):
+    return torch.hypot(torch.as_tensor(a), torch.as_tensor(b)) if torch.is_tensor(a) or torch.is_tensor(b) \
+        else math.hypot(a, b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,19 +79,19 @@ class Family:
         return 1.0 if self.name == "ve" else 1.0 - sigma
 
     def half_log_snr(self, sigma):
-        """log(alpha / sigma) as a python float; +inf at sigma = 0."""
+        """log(alpha / sigma) (a float, or a 0-d tensor for a tensor sigma); +inf at sigma = 0."""
         if sigma <= 0:
             return math.inf
         if self.name == "ve":
-            return -math.log(sigma)
+            return -log(sigma)
         s = min(sigma, self.FLOW_SIGMA_CAP)
-        return math.log1p(-s) - math.log(s)
+        return log1p(-s) - log(s)
 
     def sigma_at(self, half_log_snr):
         """Inverse of half_log_snr."""
         if self.name == "ve":
-            return math.exp(-half_log_snr)
-        return 1.0 / (1.0 + math.exp(half_log_snr))
+            return exp(-half_log_snr)
+        return 1.0 / (1.0 + exp(half_log_snr))
 
     def eps(self, x, denoised, sigma):
         """The noise estimate n = (x - alpha * x0) / sigma."""
@@ -151,20 +172,26 @@ def lagrange_integrals(nodes, a, b, weight=None):
     """w_j = int_a^b weight(t) * l_j(t) dt for the Lagrange basis l_j on ``nodes``.
 
     Gauss-Legendre with 48 points in float64: exact for polynomial weights, and to machine precision
-    for the smooth exponential weights the exponential integrators use over any step they take.
+    for the smooth exponential weights the exponential integrators use over any step they take. With
+    tensor nodes or ends (a schedule being learned) the same sum runs in torch and returns 0-d tensors.
     """
-    t = 0.5 * (b - a) * _GAUSS_NODES + 0.5 * (a + b)
-    wq = 0.5 * (b - a) * _GAUSS_WEIGHTS
+    if any(torch.is_tensor(v) for v in (a, b, *nodes)):
+        gauss_nodes, gauss_weights = (torch.from_numpy(v) for v in (_GAUSS_NODES, _GAUSS_WEIGHTS))
+        total = lambda v: v.sum()  # noqa: E731
+    else:
+        gauss_nodes, gauss_weights, total = _GAUSS_NODES, _GAUSS_WEIGHTS, lambda v: float(np.sum(v))
+        nodes = np.asarray(nodes, dtype=np.float64)
+    t = 0.5 * (b - a) * gauss_nodes + 0.5 * (a + b)
+    wq = 0.5 * (b - a) * gauss_weights
     if weight is not None:
         wq = wq * weight(t)
-    nodes = np.asarray(nodes, dtype=np.float64)
     out = []
     for j, tj in enumerate(nodes):
-        lj = np.ones_like(t)
+        lj = 1.0
         for m, tm in enumerate(nodes):
             if m != j:
                 lj = lj * (t - tm) / (tj - tm)
-        out.append(float(np.sum(wq * lj)))
+        out.append(total(wq * lj))
     return out
 
 
@@ -195,6 +222,15 @@ class CalibrationMismatch(ValueError):
 SIGMA_RTOL = 1e-4
 
 
+def _floats(sigmas):
+    return [float(s) for s in (sigmas.tolist() if torch.is_tensor(sigmas) else sigmas)]
+
+
+def _same_schedule(a, b):
+    a, b = _floats(a), _floats(b)
+    return len(a) == len(b) and all(abs(u - v) <= SIGMA_RTOL * max(abs(u), abs(v), 1e-8) for u, v in zip(a, b))
+
+
 def check_calibration(calibration, method, sig, family):
     """Raise CalibrationMismatch naming the first field that differs between the file and this run."""
     cal_method = getattr(calibration, "method", None)
@@ -202,8 +238,11 @@ def check_calibration(calibration, method, sig, family):
         raise CalibrationMismatch(
             f"calibration is for sampler {cal_method!r}, not {method!r}: pick {cal_method!r} or calibrate {method!r}")
     cal_sig = getattr(calibration, "sigmas", None)
+    learned = getattr(calibration, "sample_sigmas", None)
+    if learned is not None and _same_schedule(learned, sig):
+        cal_sig = None  # the run was given the schedule the calibration samples on (its SIGMAS output)
     if cal_sig is not None:
-        cal_sig = [float(s) for s in (cal_sig.tolist() if torch.is_tensor(cal_sig) else cal_sig)]
+        cal_sig = _floats(cal_sig)
         if len(cal_sig) != len(sig):
             raise CalibrationMismatch(
                 f"calibration was made for {len(cal_sig) - 1} steps, this run has {len(sig) - 1}: "
@@ -232,8 +271,10 @@ def merge_options(calibration, options):
     return {**fitted, **options}
 
 
-def calibration_params(calibration, method, sig, family, names):
+def calibration_params(calibration, method, sig, family, names, optional=()):
     """The per-step parameters a sampler needs as lists of floats, or None for an uncalibrated run.
+
+    ``optional`` names may be absent (they are None in the result then).
 
     ``calibration`` is None, a mapping name -> tensor (raw parameters, for experiments), or an object with
     ``.params`` (a mapping) and optional ``.method``, ``.sigmas``, ``.family`` / ``.shift``, ``.options`` that
@@ -249,15 +290,25 @@ def calibration_params(calibration, method, sig, family, names):
     missing = [n for n in names if n not in params]
     if missing:
         raise CalibrationMismatch(f"calibration for {method!r} lacks parameters {missing}")
-    out = {}
+    out = {n: None for n in optional}
     n_steps = len(sig) - 1
-    for n in names:
+    for n in list(names) + [n for n in optional if n in params]:
         p = torch.as_tensor(params[n]).detach().to("cpu", torch.float64)
         if p.ndim == 0 or p.shape[0] != n_steps:
             raise CalibrationMismatch(
                 f"calibration parameter {n!r} has shape {tuple(p.shape)}, expected {n_steps} steps first")
         out[n] = p.tolist()
     return out
+
+
+def sampling_sigmas(calibration, sigmas):
+    """The schedule a run samples on: the calibration's learned sigmas where it has them (same count, same first
+    and last sigma as the requested ones it was checked against), else the run's own."""
+    learned = None if calibration is None or isinstance(calibration, Mapping) else getattr(
+        calibration, "sample_sigmas", None)
+    if learned is None:
+        return sigmas
+    return torch.as_tensor(learned, dtype=torch.float64).to(sigmas.device, sigmas.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,27 +318,51 @@ def calibration_params(calibration, method, sig, family, names):
 HISTORY_KEPT = 4  # the deepest multistep rule (4th-order Adams-Bashforth) looks back three steps
 
 
-def remember(hist, q):
+def remember(hist, q, keep=HISTORY_KEPT):
     """Append a step's record (or each of its intermediate points' records) and drop what no rule reads."""
     hist.extend(q.pop("records", None) or [q])
-    del hist[:-HISTORY_KEPT]
+    del hist[:-keep]
 
 
-def run(step, model, x, sigmas, extra_args=None, callback=None, disable=None, family=None, adjust=None):
-    """Drive ``step`` (see samplers.base) over the schedule; ``adjust(x_next, q, hist, i)`` may correct each step.
+def integrate(step, ev, x, sig, family, callback=None, sigmas=None, disable=True, checkpoint=False):
+    """Drive ``step`` (see samplers.base) over the schedule ``sig`` (floats, or 0-d tensors being learned).
 
-    Returns the final state in the caller's dtype.
+    ``checkpoint``: keep no activations of a step for the backward pass and recompute them there (the end-to-end
+    calibration differentiates through whole trajectories: memory stays that of one step, not of all of them).
     """
-    family = Family.of(family)
+    hist, keep = [], getattr(step, "history_kept", HISTORY_KEPT)
+    for i in steps(len(sig) - 1, disable):
+        if checkpoint and torch.is_grad_enabled():
+            # the step gets a snapshot of the history: the list itself grows before the recomputation runs
+            x_next, q = torch.utils.checkpoint.checkpoint(step, ev, x, i, sig, tuple(hist), family, use_reentrant=False)
+        else:
+            x_next, q = step(ev, x, i, sig, hist, family)
+        report(callback, x, i, sigmas, q["D"])
+        remember(hist, q, keep)
+        x = x_next
+    return x
+
+
+def run(step, model, x, sigmas, extra_args=None, callback=None, disable=None, family=None):
+    """Sample: ``step`` over the schedule ``sigmas``; returns the final state in the caller's dtype."""
     sig = sigma_list(sigmas)
     x, in_dtype = prepare(x)
     ev = Denoiser(model, x, sigmas, extra_args)
-    hist = []
-    for i in steps(len(sig) - 1, disable):
-        x_next, q = step(ev, x, i, sig, hist, family)
-        if adjust is not None:
-            x_next = adjust(x_next, q, hist, i)
-        report(callback, x, i, sigmas, q["D"])
-        remember(hist, q)
-        x = x_next
-    return x.to(in_dtype)
+    return integrate(step, ev, x, sig, Family.of(family), callback, sigmas, disable).to(in_dtype)
+
+
+def calibrated_sampler(name, stepper, param_names, optional_params=()):
+    """The sampling function of a calibrated method, k-diffusion's convention plus ``calibration``, ``family``,
+    ``shift`` and solver options. ``stepper(params, options)`` makes the step function for per-step parameters
+    (None: the base solver); the end-to-end calibration calls the same ``stepper`` with tensors that learn.
+    """
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, calibration=None, family=None,
+               shift=None, **options):
+        fam = Family.of(family, shift)
+        options = merge_options(calibration, {k: v for k, v in options.items() if v is not None})
+        params = calibration_params(calibration, name, sigma_list(sigmas), fam, param_names, optional_params)
+        return run(stepper(params, options), model, x, sampling_sigmas(calibration, sigmas), extra_args, callback,
+                   disable, fam)
+
+    sample.stepper = stepper
+    return sample

@@ -8,11 +8,10 @@ calibration fits c in closed form from that split. Uncalibrated (r, c, a) = (1/2
 ``amed_dpm_2`` are DPM-Solver-2, the plugins are their base solver on the grid with geometric midpoints.
 Into sigma = 0 a step is one plain base step with no intermediate evaluation.
 """
-import math
 from functools import partial
 
 from . import base as B
-from ._core import CalibrationMismatch, Family, calibration_params, merge_options, run, sigma_list
+from ._core import CalibrationMismatch, calibrated_sampler, expm1, hypot, sigma_list
 from .registry import register
 
 DEFAULTS = {"r": 0.5, "c": 1.0, "a": 1.0}
@@ -24,7 +23,7 @@ def afs_denoised(x, sigma, family):
     Written in the family's own coordinates and stable at flow's sigma = 1 (alpha = 0, where it is 0).
     """
     alpha = family.alpha(sigma)
-    norm = math.hypot(alpha, sigma)
+    norm = hypot(alpha, sigma)
     return x * (alpha / (norm * (norm + sigma)))
 
 
@@ -59,13 +58,13 @@ def amed_parts(kind, ev, x, i, sig, hist, family, r, a, afs, **opts):
     if kind == "dpm_2":
         return x, (s_next - s) * (d_mid / (2 * r) + (1 - 1 / (2 * r)) * d), [q, qm]
     if kind == "ipndm":
-        _, inc = B.pndm_step(y, d_mid, 0, [s_mid, s_next], hist + [q],
+        _, inc = B.pndm_step(y, d_mid, 0, [s_mid, s_next], list(hist) + [q],
                              opts.get("max_order", 4), opts.get("variable_step", False))
         return y, inc, [q, qm]
     # dpmpp_2m: c scales only the model-output term of the second sub-step, as the AMED reference does
     Dx = B.dpmpp_2m_denoised(D_mid, D, s, s_mid, s_next, family)
     h = family.half_log_snr(s_next) - family.half_log_snr(s_mid)
-    return (s_next / s_mid) * y, -family.alpha(s_next) * math.expm1(-h) * Dx, [q, qm]
+    return (s_next / s_mid) * y, -family.alpha(s_next) * expm1(-h) * Dx, [q, qm]
 
 
 PLUGINS = {
@@ -90,21 +89,15 @@ def amed_evaluations(sigmas, afs=False, **options):
     return 2 * n - (1 if sig[-1] == 0 else 0) - (1 if afs else 0)
 
 
-def make_sampler(name, kind):
-    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, calibration=None,
-               family=None, shift=None, afs=None, **options):
-        fam = Family.of(family, shift)
-        sig = sigma_list(sigmas)
-        options = merge_options(calibration, options if afs is None else dict(options, afs=afs))
-        afs = bool(options.pop("afs", False))
-        table = calibration_params(calibration, name, sig, fam, ["r", "c", "a"])
-        step = partial(amed_step, kind, table, afs, options)
-        return run(step, model, x, sigmas, extra_args, callback, disable, fam)
-
-    sample.__doc__ = PLUGINS[name][1]
-    return sample
+def stepper(kind, params, options):
+    """The step function for ``params`` ({"r", "c", "a"}: per-step floats or tensors, or None) and solver options."""
+    options = dict(options)
+    afs = bool(options.pop("afs", False))
+    return partial(amed_step, kind, params, afs, options)
 
 
 for _name, (_base, _doc) in PLUGINS.items():
-    register(_name, make_sampler(_name, "amed" if _name == "amed" else _base), base=_base, nfe_per_step=2,
+    _sample = calibrated_sampler(_name, partial(stepper, "amed" if _name == "amed" else _base), ["r", "c", "a"])
+    _sample.__doc__ = _doc
+    register(_name, _sample, base=_base, nfe_per_step=2,
              evaluations=amed_evaluations, kind="amed", params=("r", "c", "a"))

@@ -6,9 +6,7 @@ A step is ``step(ev, x, i, sig, hist, family, **opts) -> (x_next, q)``: ``ev`` e
 quantities) for later steps and for IIA's basis vectors. Every step ends at sigma = 0 with a first-order
 update that needs no evaluation there, as k-diffusion's samplers do.
 """
-import math
-
-from ._core import adams_bashforth
+from ._core import adams_bashforth, exp, expm1, log
 
 
 def to_d(x, sigma, denoised):
@@ -18,7 +16,7 @@ def to_d(x, sigma, denoised):
 def exp_update(x, denoised, s, s_next, family):
     """First-order exponential-integrator (DDIM) step in data prediction: exact for constant ``denoised``."""
     h = family.half_log_snr(s_next) - family.half_log_snr(s)
-    return (s_next / s) * x - family.alpha(s_next) * math.expm1(-h) * denoised
+    return (s_next / s) * x - family.alpha(s_next) * expm1(-h) * denoised
 
 
 def dpmpp_2m_denoised(D, D_prev, s_prev, s, s_next, family):
@@ -58,7 +56,7 @@ def dpm_2(ev, x, i, sig, hist, family):
     q = {"x": x, "D": D, "d": d, "s": sig[i]}
     if sig[i + 1] == 0:
         return x + (sig[i + 1] - sig[i]) * d, q
-    s_mid = math.exp(0.5 * (math.log(sig[i]) + math.log(sig[i + 1])))
+    s_mid = exp(0.5 * (log(sig[i]) + log(sig[i + 1])))
     x2 = x + (s_mid - sig[i]) * d
     q["D2"] = ev(x2, s_mid)
     return x + (sig[i + 1] - sig[i]) * to_d(x2, s_mid, q["D2"]), q

@@ -10,16 +10,22 @@ into sigma = 0) is None and its coefficient must be zero.
 """
 from functools import partial
 
+import torch
+
 from . import base as B
-from ._core import CalibrationMismatch, Family, calibration_params, merge_options, run, sigma_list
+from ._core import HISTORY_KEPT, CalibrationMismatch, calibrated_sampler, sigma_list
 from .registry import register
 
 
 class Variant:
-    def __init__(self, name, base, terms, n_terms, max_depth, doc, other_bases=None):
+    """A base step and its basis: ``terms`` of this step's record (``n_terms`` vectors) and, for each of up to
+    ``max_depth`` earlier steps, ``older`` terms of its record (``n_older`` vectors; default: the same terms)."""
+
+    def __init__(self, name, base, terms, n_terms, max_depth, doc, other_bases=None, older=None):
         self.name, self.base, self.terms, self.n_terms, self.max_depth, self.doc = (
             name, base, terms, n_terms, max_depth, doc)
-        self.other_bases = dict(other_bases or {})  # basis name -> (terms, n_terms, max_depth)
+        self.older, self.n_older = older or (terms, n_terms)
+        self.other_bases = dict(other_bases or {})  # basis name -> (terms, n_terms, max_depth[, (older, n_older)])
 
     @property
     def bases(self):
@@ -31,37 +37,42 @@ class Variant:
             return self
         if basis not in self.other_bases:
             raise CalibrationMismatch(f"{self.name} has no basis {basis!r}; choose one of {self.bases}")
-        terms, n_terms, max_depth = self.other_bases[basis]
-        return Variant(self.name, self.base, terms, n_terms, max_depth, self.doc)
+        terms, n_terms, max_depth, *older = self.other_bases[basis]
+        return Variant(self.name, self.base, terms, n_terms, max_depth, self.doc, older=older[0] if older else None)
+
+    def columns(self, depth):
+        return self.n_terms + self.n_older * depth
 
     def depth(self, n_columns):
-        depth, rem = divmod(n_columns, self.n_terms)
-        if rem or not 1 <= depth <= self.max_depth + 1:
+        depth, rem = divmod(n_columns - self.n_terms, self.n_older)
+        if rem or not 0 <= depth <= self.max_depth:
             raise CalibrationMismatch(
-                f"{self.name} takes {self.n_terms} coefficients per history step and at most "
-                f"{self.max_depth + 1} steps, got {n_columns} per step")
-        return depth - 1
+                f"{self.name} takes {self.n_terms} coefficients for its step plus {self.n_older} per earlier step, "
+                f"at most {self.max_depth} earlier steps; got {n_columns} per step")
+        return depth
 
     def correct(self, x_next, coeffs, q, hist, family, depth, step):
         """``x_next + sum_k coeffs[k] * g_k``; a nonzero coefficient on a missing basis vector is an error."""
         for k, (c, g) in enumerate(zip(coeffs, self.basis(q, hist, family, depth))):
-            if c == 0:
-                continue
             if g is None:
-                raise CalibrationMismatch(
-                    f"{self.name} step {step}: coefficient {k} is {c:g} but its basis vector does not "
-                    "exist at this step (no history or no second evaluation); the file is inconsistent")
-            x_next = x_next + c * g
+                if c != 0:
+                    raise CalibrationMismatch(
+                        f"{self.name} step {step}: coefficient {k} is {float(c):g} but its basis vector does not "
+                        "exist at this step (no history or no second evaluation); the file is inconsistent")
+                continue
+            if torch.is_tensor(c) or c != 0:  # a coefficient being learned counts even at zero: it needs its gradient
+                x_next = x_next + c * g
         return x_next
 
     def basis(self, q, hist, family, depth):
         records = [q] + list(reversed(hist))
         out = []
         for k in range(depth + 1):
+            terms, n = (self.terms, self.n_terms) if k == 0 else (self.older, self.n_older)
             if k < len(records):
-                out += self.terms(records[k], records[k + 1] if k + 1 < len(records) else None, family)
+                out += terms(records[k], records[k + 1] if k + 1 < len(records) else None, family)
             else:
-                out += [None] * self.n_terms
+                out += [None] * n
         return out
 
 
@@ -96,6 +107,10 @@ def _ddim_paper_terms(q, prev, family):
     return [q["D"], family.eps(q["x"], q["D"], q["s"])]
 
 
+def _denoised_terms(q, prev, family):
+    return [q["D"]]
+
+
 def _direction_terms(q, prev, family):
     return [q["d"]]
 
@@ -112,8 +127,9 @@ VARIANTS = [
             {"paper": (_ddim_paper_terms, 2, 1)}),
     Variant("iia_ddim_cfg", "euler", _cfg_terms, 1, 0,
             "IIA-DDIM for guided sampling: one coefficient on the guided eps."),
-    Variant("iia_dpmpp_2m", "dpmpp_2m", _state_terms, 2, 1,
-            "IIA-DPM-Solver++(2M): DPM-Solver++(2M) plus the state and x0."),
+    Variant("iia_dpmpp_2m", "dpmpp_2m", _state_terms, 2, 9,
+            "IIA-DPM-Solver++(2M): DPM-Solver++(2M) plus the state and x0.",
+            {"full": (_state_terms, 2, 9, (_denoised_terms, 1))}),
     Variant("biia_edm", "heun", _heun_direction_terms, 1, 1,
             "BIIA-EDM: Heun plus its averaged direction of this (and the previous) step."),
     Variant("iia_edm", "heun", _edm_terms, 2, 1,
@@ -139,31 +155,44 @@ def base_evaluations(base, sigmas, **options):
     return n
 
 
-def make_sampler(variant):
-    step_fn = B.BASE_STEPS[variant.base][0]
+class TimeScaled:
+    """The denoiser queried at ``scale`` times the sigma a step asks for (AMED's ``a``): the network's time is
+    learned apart from the integration grid, which corrects its bias at few steps."""
 
-    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, calibration=None,
-               family=None, shift=None, **options):
-        fam = Family.of(family, shift)
-        sig = sigma_list(sigmas)
-        options = merge_options(calibration, options)
-        v = variant.with_basis(options.pop("basis", None))
-        params = calibration_params(calibration, variant.name, sig, fam, ["coeffs"])
-        adjust = None
-        if params is not None:
-            coeffs = params["coeffs"]
-            depth = v.depth(len(coeffs[0]))
+    def __init__(self, ev, scale):
+        self.ev, self.scale = ev, scale
 
-            def adjust(x_next, q, hist, i):
-                return v.correct(x_next, coeffs[i], q, hist, fam, depth, i)
+    def __call__(self, x, sigma):
+        return self.ev(x, self.scale * sigma)
 
-        return run(partial(step_fn, **options), model, x, sigmas, extra_args, callback, disable, fam, adjust)
 
-    sample.__doc__ = variant.doc
-    return sample
+def iia_step(base_step, variant, coeffs, scales, ev, x, i, sig, hist, family):
+    """The base step (its model queried at ``scales[i]`` times its sigmas), then the fitted multiples of its basis
+    vectors (``coeffs``: one row per step, or None)."""
+    if scales is not None:
+        ev = TimeScaled(ev, scales[i])
+    x_next, q = base_step(ev, x, i, sig, hist, family)
+    if coeffs is not None:
+        x_next = variant.correct(x_next, coeffs[i], q, hist, family, variant.depth(len(coeffs[i])), i)
+    return x_next, q
+
+
+def stepper(variant, params, options):
+    """The step function for ``params`` ({"coeffs": rows of floats or a tensor, "a": optional time scales}, or
+    None) and solver options."""
+    options = dict(options)
+    v = variant.with_basis(options.pop("basis", None))
+    coeffs = None if params is None else params["coeffs"]
+    scales = None if params is None else params.get("a")
+    step = partial(iia_step, partial(B.BASE_STEPS[variant.base][0], **options), v, coeffs, scales)
+    if coeffs is not None:  # a table of the wrong width is refused before any model call
+        step.history_kept = max(HISTORY_KEPT, v.depth(len(coeffs[0])) + 1)
+    return step
 
 
 for _v in VARIANTS:
-    register(_v.name, make_sampler(_v), base=_v.base, nfe_per_step=B.BASE_STEPS[_v.base][1],
-             evaluations=partial(base_evaluations, _v.base), kind="iia", params=("coeffs",))
+    _sample = calibrated_sampler(_v.name, partial(stepper, _v), ["coeffs"], ["a"])
+    _sample.__doc__ = _v.doc
+    register(_v.name, _sample, base=_v.base, nfe_per_step=B.BASE_STEPS[_v.base][1],
+             evaluations=partial(base_evaluations, _v.base), kind="iia", params=("coeffs",), optional_params=("a",))
 VARIANT_BY_NAME = {v.name: v for v in VARIANTS}

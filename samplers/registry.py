@@ -3,12 +3,13 @@
 SAMPLERS = {}
 
 
-def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=()):
+def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=(), optional_params=()):
     """Attach the registry facts to ``fn`` and list it.
 
     ``base``: the solver it reduces to uncalibrated; ``nfe_per_step``: model evaluations of a full step;
     ``evaluations(sigmas, **options)``: exact evaluations for a schedule (first/last steps may cost less);
-    ``kind``: "iia", "amed" or "plain" (nothing to calibrate); ``params``: per-step parameter names.
+    ``kind``: "iia", "amed" or "plain" (nothing to calibrate); ``params``: per-step parameter names;
+    ``optional_params``: per-step parameters a calibration may leave out (then at their neutral value).
     """
     fn.__name__ = fn.__qualname__ = f"sample_{name}"
     fn.sampler_name = name
@@ -17,6 +18,7 @@ def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=()):
     fn.evaluations = evaluations
     fn.kind = kind
     fn.params = tuple(params)
+    fn.optional_params = tuple(optional_params)
     SAMPLERS[name] = fn
     return fn
 

@@ -12,7 +12,7 @@ import types
 
 import torch
 
-from .analytic import GaussianMixture, karras
+from ..calibration.testbed.analytic import GaussianMixture, karras
 
 
 class EPS:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import calibrated_samplers
-from calibrated_samplers.tests.kdiffusion import load_k_diffusion_sampling
+from calibrated_samplers.calibration.testbed.kdiffusion import load_k_diffusion_sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.realpath(os.path.dirname(calibrated_samplers.__file__)) != os.path.realpath(ROOT):

@@ -10,7 +10,7 @@ import torch
 
 from calibrated_samplers.calibration import Calibration, CalibrationCancelled, calibrate, load
 from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations
-from calibrated_samplers.tests.analytic import GaussianMixture, karras, rmse
+from calibrated_samplers.calibration.testbed.analytic import GaussianMixture, karras, rmse
 
 MIXTURE = GaussianMixture()
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
@@ -215,7 +215,7 @@ def test_refuses_what_it_cannot_do():
 
 
 def test_flow_family_calibrates():
-    from calibrated_samplers.tests.analytic import flow_sigmas
+    from calibrated_samplers.calibration.testbed.analytic import flow_sigmas
     sig = flow_sigmas(7, shift=3.0)[1:]  # starts below 1, where the exact reference can start
 
     def start(seed):  # x = (1 - sigma) x0 + sigma n: the marginal at sigma_0

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from calibrated_samplers.calibration import Calibration, CalibrationFileError, load
 from calibrated_samplers.samplers import SAMPLERS, CalibrationMismatch
-from calibrated_samplers.tests.analytic import GaussianMixture, karras
+from calibrated_samplers.calibration.testbed.analytic import GaussianMixture, karras
 
 MIXTURE = GaussianMixture()
 SIG = karras(6, 0.03, 14.6)
@@ -79,13 +79,53 @@ CORRUPTIONS = {
     "wrong base": (None, lambda m: {**m, "base": "euler"}, "base solver"),
     "wrong dtype": (lambda t: {**t, "param.coeffs": t["param.coeffs"].to(torch.float16)}, None, "dtype"),
     "wrong shape": (lambda t: {**t, "param.coeffs": t["param.coeffs"][:-1]}, None, "each of the 6 steps"),
-    "bad width": (lambda t: {**t, "param.coeffs": t["param.coeffs"][:, :3].contiguous()}, None, "coefficients per history"),
+    "bad width": (lambda t: {**t, "param.coeffs": t["param.coeffs"][:, :3].contiguous()}, None, "for its step plus"),
     "nan": (lambda t: {**t, "param.coeffs": t["param.coeffs"] * float("nan")}, None, "finite"),
     "unknown tensor": (lambda t: {**t, "pickle_me": torch.zeros(1)}, None, "unexpected tensors"),
     "no sigmas": (lambda t: {k: v for k, v in t.items() if k != "sigmas"}, None, "no sigmas"),
     "unsorted sigmas": (lambda t: {**t, "sigmas": t["sigmas"].flip(0)}, None, "decreasing"),
     "missing param": (lambda t: {k: v for k, v in t.items() if k != "param.coeffs"}, None, "needs parameters"),
 }
+
+
+def learned_calibration():
+    learned = SIG.clone()
+    learned[1:-2] *= torch.tensor([0.93, 1.04, 0.97, 1.02], dtype=torch.float64)
+    cal = iia_calibration(method="iia_dpmpp_2m", sample_sigmas=learned)
+    cal.params["a"] = torch.linspace(0.97, 1.03, 6, dtype=torch.float64)
+    return cal
+
+
+def test_learned_time_steps_and_time_scales_round_trip(tmp_path):
+    cal = learned_calibration()
+    back = load(cal.save(str(tmp_path / "learned.safetensors")))
+    assert torch.equal(back.sample_sigmas, cal.sample_sigmas) and torch.equal(back.params["a"], cal.params["a"])
+    assert cal.metadata()["format_version"] == "2" and iia_calibration().metadata()["format_version"] == "1"
+    x = MIXTURE.noise(4, 2) * 14.6
+    fn = SAMPLERS["iia_dpmpp_2m"]
+    a, b = (fn(MIXTURE.edm(), x, SIG, disable=True, calibration=c) for c in (cal, back))
+    assert torch.equal(a, b)
+    without_learning = fn(MIXTURE.edm(), x, SIG, disable=True, calibration=dict(coeffs=cal.params["coeffs"]))
+    assert not torch.equal(a, without_learning)
+
+
+LEARNED_CORRUPTIONS = {
+    "first sigma moved": (lambda t: {**t, "sample_sigmas": t["sample_sigmas"] * 1.01}, None, "same first and last"),
+    "not decreasing": (lambda t: {**t, "sample_sigmas": t["sample_sigmas"][[0, 2, 1, 3, 4, 5, 6]]}, None,
+                       "strictly decreasing"),
+    "wrong length": (lambda t: {**t, "sample_sigmas": t["sample_sigmas"][1:].contiguous()}, None, "same length"),
+    "claims version 1": (None, lambda m: {**m, "format_version": "1"}, "version 1 file cannot"),
+    "negative time scale": (lambda t: {**t, "param.a": -t["param.a"]}, None, "positive number per step"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(LEARNED_CORRUPTIONS))
+def test_damaged_learned_schedules_are_refused(tmp_path, what):
+    path = learned_calibration().save(str(tmp_path / "cal.safetensors"))
+    tensors, metadata, message = LEARNED_CORRUPTIONS[what]
+    rewrite(path, tensors, metadata)
+    with pytest.raises(CalibrationFileError, match=message):
+        load(path)
 
 
 @pytest.mark.parametrize("what", sorted(CORRUPTIONS))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calibrated_samplers.samplers import SAMPLERS
-from calibrated_samplers.tests.analytic import GaussianMixture, karras, rmse, ve_to_flow
+from calibrated_samplers.calibration.testbed.analytic import GaussianMixture, karras, rmse, ve_to_flow
 
 MIXTURE = GaussianMixture()
 SMOOTH = GaussianMixture(std=0.5, seed=1)  # wider components: the asymptotic range starts at fewer steps

@@ -14,7 +14,7 @@ from calibrated_samplers.calibration.picture import residual_image
 from calibrated_samplers.nodes import declare, runtime
 from calibrated_samplers.samplers import SAMPLERS, CalibrationMismatch
 from calibrated_samplers.tests import comfy_standins as cs
-from calibrated_samplers.tests.analytic import karras
+from calibrated_samplers.calibration.testbed.analytic import karras
 
 SIGMAS = karras(6, 0.03, 14.6).float()
 
@@ -147,6 +147,34 @@ def test_dropdown_sampler_uses_the_matching_file(tmp_path):
     assert len(seen) == 6 and {"x", "i", "sigma", "denoised"} <= set(seen[0])  # ComfyUI's previews hang off this
 
 
+def test_a_file_with_learned_time_steps_samples_on_them_in_every_node_path(comfy, tmp_path):
+    """KSampler's dropdown (given the scheduler's sigmas) and the sampler nodes (given their SIGMAS output) both
+    run on the learned schedule, with the file's parameters, exactly as the plain sampler call does."""
+    from calibrated_samplers.nodes import pack
+    pack.register_folder()
+    p = cs.Patcher()
+    fp = runtime.model_fingerprint(p)
+    learned = SIGMAS.double().clone()
+    learned[1:-2] = learned[1:-2] * torch.tensor([0.9, 1.1, 0.95, 1.05], dtype=torch.float64)
+    coeffs = torch.zeros(6, 4, dtype=torch.float64)
+    coeffs[1:, 1] = 0.01
+    cal = Calibration("iia_dpmpp_2m", SIGMAS, {"coeffs": coeffs, "a": torch.full((6,), 1.02, dtype=torch.float64)},
+                      info={"cfg": 3.0, "fingerprint": fp["id"], "fingerprint_detail": fp}, sample_sigmas=learned)
+    cal.save(tmp_path / "models" / "calibrated_samplers" / "learned.safetensors")
+    x = cs.MIXTURE.noise(4, seed=9, dtype=torch.float32) * float(SIGMAS[0])
+    want = SAMPLERS["iia_dpmpp_2m"](denoiser(p), x, learned.float(), calibration=dict(cal.params))
+    plain_call = SAMPLERS["iia_dpmpp_2m"](denoiser(p), x, SIGMAS, calibration=cal)
+    seen = []
+    dropdown = runtime.dropdown_sampler("iia_dpmpp_2m", pack.LIBRARY)(denoiser(p), x, SIGMAS, callback=seen.append)
+    classes, _ = declare.build(pack.NODES)
+    sampler, node_sigmas, _ = classes["CalibratedSamplersSamplerFromFile"]().run(calibration_file="learned.safetensors")
+    assert torch.equal(node_sigmas, learned.float())
+    node = sampler.sampler_function(denoiser(p), x, node_sigmas, **sampler.extra_options)
+    for out in (plain_call, dropdown, node):
+        assert torch.equal(out, want)
+    assert [float(d["sigma"]) for d in seen] == [float(s) for s in learned.float()[:-1]]
+
+
 def test_dropdown_sampler_without_a_match_runs_the_base_and_warns(tmp_path, caplog):
     p = cs.Patcher()
     fitted(patcher=p, cfg=5.0).save(tmp_path / "cfg5.safetensors")
@@ -198,9 +226,14 @@ def test_calibration_run_scales_the_whole_batch_like_comfy_and_walks_every_promp
     def direct(x, sigma, prompt=0, **kw):
         guider.active_prompt = prompt
         return model(x, sigma, **kw)
+    sigma_min = guider.model_patcher.get_model_object("model_sampling").sigma_min  # the teacher stops there
     want = calibrate(direct, SIGMAS, "iia_ddim", noise * scale, [{"seed": 4, "prompt": k} for k in range(2)],
-                     fine_steps=3, chunk_size=4)
+                     fine_steps=3, chunk_size=4, sigma_min=sigma_min)
+    assert job.result.info["sigma_min"] == sigma_min
     assert torch.equal(job.result.params["coeffs"], want.params["coeffs"])
+    assert (job.result.sample_sigmas is None) == (want.sample_sigmas is None)
+    if want.sample_sigmas is not None:
+        assert torch.equal(job.result.sample_sigmas, want.sample_sigmas)
 
 
 def test_prompt_pairs_and_their_errors():
@@ -273,7 +306,8 @@ def test_classic_nodes_declare_inputs_and_outputs(comfy):
     assert types["required"]["scheduler"][0] == ["simple", "karras", "normal"]
     assert types["required"]["method"][0] == [n for n, f in SAMPLERS.items() if f.kind != "plain"]
     assert types["required"]["seed"][1]["control_after_generate"] is True
-    assert set(types["optional"]) == {"negative", "latent", "sigmas", "chunk_size", "overwrite"}
+    assert set(types["optional"]) == {"negative", "latent", "sigmas", "chunk_size", "overwrite", "end_to_end",
+                                      "learn_sigmas", "max_minutes"}
     assert calib.RETURN_TYPES == ("CALIBRATION", "SIGMAS", "IMAGE") and calib.OUTPUT_NODE
     assert names["CalibratedSamplersCalibrate"] == "Calibrate sampler"
     assert classes["CalibratedSamplersSampler"].RETURN_TYPES == ("SAMPLER", "SIGMAS")
@@ -292,7 +326,7 @@ def test_calibrate_node_writes_a_file_the_sampler_nodes_use(comfy, tmp_path):
     saved = load(path)
     assert torch.equal(saved.params["coeffs"], cal.params["coeffs"]) and saved.info["prompts"] == 2
     assert saved.info["cfg"] == 2.0 and saved.info["schedule"] == "karras, 5 steps"
-    assert image.shape == (1, 320, 768, 3) and torch.equal(sigmas, cal.sigmas.float())
+    assert image.shape == (1, 320, 768, 3) and torch.equal(sigmas, cal.sampling_sigmas.float())
     assert comfy.bars and comfy.bars[0].values[-1][0] == comfy.bars[0].values[-1][1]  # the bar reached its end
     with pytest.raises(FileExistsError):
         classes["CalibratedSamplersCalibrate"]().run(

@@ -13,12 +13,13 @@ REQUIRED = ["iia_ddim", "iia_ddim_cfg", "iia_dpmpp_2m", "biia_edm", "iia_edm", "
             "amed", "amed_euler", "amed_dpm_2", "amed_ipndm", "amed_dpmpp_2m", "gddim"]
 
 
-def imported_modules(folder):
+def imported_modules(folder, module_level=False):
+    """(file, [module names], relative level) per import statement; only those at module level if asked."""
     for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
         for f in files:
             if f.endswith(".py"):
                 tree = ast.parse(open(os.path.join(dirpath, f)).read())
-                for node in ast.walk(tree):
+                for node in (tree.body if module_level else ast.walk(tree)):
                     if isinstance(node, ast.Import):
                         yield f, [a.name for a in node.names], 0
                     elif isinstance(node, ast.ImportFrom):
@@ -32,15 +33,19 @@ def test_every_required_sampler_is_registered_and_exported():
 
 
 def test_libraries_import_only_torch_numpy_and_themselves():
-    # matplotlib: only the CLI's plot command, imported inside it, with a clear error when absent
-    allowed = {"torch", "numpy", "safetensors", "math", "functools", "collections", "tqdm", "matplotlib"}
+    allowed = {"torch", "numpy", "safetensors", "math", "functools", "collections", "tqdm"}
+    # extras, imported only inside the functions that need them (with a clear error when absent): matplotlib for
+    # the CLI's plot command; scikit-learn's bundled digits and PIL's image grid for the testbed's benchmarks
+    extras = {"matplotlib", "sklearn", "PIL"}
     for folder in ("samplers", "calibration"):
         for f, names, level in imported_modules(folder):
             for name in names:
                 if level == 0:  # absolute imports: only the runtime dependencies and the standard library
                     top = name.split(".")[0]
-                    assert top in allowed or top in sys.stdlib_module_names, f"{folder}/{f} imports {name}"
+                    assert top in allowed | extras or top in sys.stdlib_module_names, f"{folder}/{f} imports {name}"
                     assert top not in ("comfy", "nodes", "folder_paths", "modules"), f"{folder}/{f} imports {name}"
+        for f, names, level in imported_modules(folder, module_level=True):
+            assert level > 0 or not {n.split(".")[0] for n in names} & extras, f"{folder}/{f} imports {names} at load"
 
 
 def test_root_imports_without_comfyui_and_registers_nothing():
@@ -55,3 +60,32 @@ def test_runtime_dependencies_are_torch_numpy_safetensors():
     assert deps == {"torch", "numpy", "safetensors"}
     assert meta["tool"]["setuptools"]["package-dir"] == {"calibrated_samplers": "."}
     assert calibrated_samplers.__version__ == meta["project"]["version"]
+
+
+def test_nothing_outside_tests_imports_tests():
+    """The product and the benchmarks use calibration.testbed (models, mixture, k-diffusion loader), not tests/."""
+    for folder in ("samplers", "calibration", "nodes", "scripts", "benchmarks"):
+        for f, names, level in imported_modules(folder):
+            for name in names:
+                parts = name.split(".")
+                assert not (level == 0 and ("tests" in parts[:2])), f"{folder}/{f} imports {name}"
+                assert not (level > 0 and parts[0] == "tests"), f"{folder}/{f} imports .{name}"
+
+
+def test_cli_runs_with_the_tests_package_unimportable(tmp_path):
+    """Blocks calibrated_samplers.tests in a fresh interpreter, then loads every bundled model and calibrates one."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'calibrated_samplers.tests' or name.startswith('calibrated_samplers.tests.'):\n"
+        "            raise ImportError('tests/ is not part of the product: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from calibrated_samplers.calibration.testbed import NAMES, testbed\n"
+        "for n in NAMES: testbed(n)\n"
+        "from calibrated_samplers.calibration.cli import main\n"
+        "main(['calibrate', '--model', 'analytic-edm', '--sampler', 'iia_ddim', '--steps', '3', '--batch', '16',\n"
+        "      '--quiet', '--out', sys.argv[1]])\n")
+    out = tmp_path / "cal.safetensors"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd="/")
+    assert out.stat().st_size > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calibrated_samplers.samplers import SAMPLERS, CalibrationMismatch
-from calibrated_samplers.tests.analytic import GaussianMixture, karras, rmse
+from calibrated_samplers.calibration.testbed.analytic import GaussianMixture, karras, rmse
 
 NAMES = sorted(SAMPLERS)
 CALIBRATED = [n for n in NAMES if SAMPLERS[n].kind != "plain"]
@@ -23,7 +23,7 @@ def neutral_params(name, n_steps):
     if fn.kind == "iia":
         from calibrated_samplers.samplers.iia import VARIANT_BY_NAME
         v = VARIANT_BY_NAME[name]
-        return {"coeffs": torch.zeros(n_steps, v.n_terms * (v.max_depth + 1), dtype=torch.float64)}
+        return {"coeffs": torch.zeros(n_steps, v.columns(v.max_depth), dtype=torch.float64)}
     return {"r": torch.full((n_steps,), 0.5), "c": torch.ones(n_steps), "a": torch.ones(n_steps)}
 
 

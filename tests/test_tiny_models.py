@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from calibrated_samplers.samplers import SAMPLERS
-from calibrated_samplers.tests import tiny
-from calibrated_samplers.tests.analytic import flow_sigmas, karras
+from calibrated_samplers.calibration.testbed import tiny
+from calibrated_samplers.calibration.testbed.analytic import flow_sigmas, karras
 
-MODELS = [m for m in ("digits-eps", "digits-flow") if m in tiny.SHA256]
+MODELS = [m for m in tiny.MODELS if m in tiny.SHA256]
 
 
 @pytest.mark.parametrize("name", sorted(tiny.SHA256))
@@ -15,7 +15,8 @@ def test_weight_files_are_the_committed_ones(name):
 
 
 def test_every_shipped_model_is_checked():
-    assert set(MODELS) == {"digits-eps", "digits-flow"}, "a tiny model lacks its committed weights and hash"
+    assert set(MODELS) == {"digits-eps", "digits-flow", "digits-eps-narrow"}, \
+        "a tiny model lacks its committed weights and hash"
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -16,7 +16,7 @@ from calibrated_samplers.calibration.library import Library
 from calibrated_samplers.nodes import runtime
 from calibrated_samplers.samplers import SAMPLERS
 from calibrated_samplers.tests import comfy_standins as cs
-from calibrated_samplers.tests.analytic import karras
+from calibrated_samplers.calibration.testbed.analytic import karras
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGMAS = karras(5, 0.03, 14.6).float()

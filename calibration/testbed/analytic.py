@@ -10,7 +10,7 @@ Model views (each ``model(x, sigma, **extra_args) -> x0`` in its own x-space, as
 ``edm()``, ``discrete_eps()`` (SD1.x discrete VP schedule, eps-prediction network), ``v_prediction()`` and
 ``flow()``. The discrete views compute what a real network wrapper does: scale the input by
 1/sqrt(1+sigma^2), evaluate a "network" that predicts eps (or v) from the VP state and the timestep, and
-convert back. Importable by benchmarks: ``from calibrated_samplers.tests.analytic import GaussianMixture``.
+convert back. Used by the tests, the benchmarks and the CLI: ``from calibrated_samplers.calibration.testbed.analytic import GaussianMixture``.
 """
 import math
 

@@ -5,6 +5,7 @@
 ``model(x, sigma, cond=labels, cfg=scale)`` returns the denoised x0 for x = x0 + sigma * n, with classifier-free
 guidance through the null class 10 (cond and uncond in one batched call, as ComfyUI does). ``load("digits-flow")``
 is the same network trained as a rectified flow (x = (1 - t) x0 + t n, velocity prediction, like SD3/Flux).
+``load("digits-eps-narrow")`` is digits-eps retrained at another width and seed: a model no setting was tuned on.
 ``load_classifier()`` is a small digit CNN whose penultimate features give a Frechet distance.
 Weights are committed next to this file; ``benchmarks/train_tiny.py`` made them (seeded). Pure torch.
 """
@@ -16,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..analytic import DiscreteSchedule  # SD1.x's schedule; sigma_to_t interpolates in log sigma like k-diffusion
+from .analytic import DiscreteSchedule  # SD1.x's schedule; sigma_to_t interpolates in log sigma like k-diffusion
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 NULL_CLASS = 10
 IMAGE_SHAPE = (1, 16, 16)
 # sha256 of the committed weight files; tests check them so a silently changed file is caught.
@@ -26,11 +27,12 @@ SHA256 = {
     "digits-eps": "23e6c41b3d494ae7d7f0f94f9a69c49a60b5e48d3a0679827833bc64172c1dca",
     "digits-flow": "9119a5b9c5b51b86dab03d8a197199790ee0d3b21f6cc21cf78d6a31eb717d5a",
     "digits-classifier": "c7fff5fa874b5c1aab9d07aef1e8e344f2fbd914260af15f7017a4285ca56741",
+    "digits-eps-narrow": "2ac504e79df9bbc2d82316cd24924869b99c3af68d4fa86ace609974740a229c",
 }
 
 
 def weight_path(name):
-    return os.path.join(HERE, f"{name}.safetensors")
+    return os.path.join(WEIGHTS, f"{name}.safetensors")
 
 
 def file_sha256(path):
@@ -165,6 +167,15 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+# name -> (wrapper, UNet channels, training seed). digits-eps-narrow is the held-out model: another width and seed,
+# trained the same way, and never used to choose any of the calibration engine's settings.
+MODELS = {
+    "digits-eps": (DigitsEps, (32, 64, 96), 0),
+    "digits-flow": (DigitsFlow, (32, 64, 96), 0),
+    "digits-eps-narrow": (DigitsEps, (24, 48, 64), 1),
+}
+
+
 def _load_state(module, name):
     from safetensors.torch import load_file
     path = weight_path(name)
@@ -175,12 +186,11 @@ def _load_state(module, name):
 
 
 def load(name):
-    """``digits-eps`` or ``digits-flow`` as a k-diffusion-style denoiser ``model(x, sigma, cond=, cfg=)``."""
-    if name == "digits-eps":
-        return DigitsEps(_load_state(UNet(), name))
-    if name == "digits-flow":
-        return DigitsFlow(_load_state(UNet(), name))
-    raise ValueError(f"unknown tiny model {name!r}; choose 'digits-eps' or 'digits-flow'")
+    """A model of ``MODELS`` as a k-diffusion-style denoiser ``model(x, sigma, cond=, cfg=)``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(MODELS)}")
+    wrapper, channels, _ = MODELS[name]
+    return wrapper(_load_state(UNet(channels), name))
 
 
 def load_classifier():

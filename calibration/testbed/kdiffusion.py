@@ -1,4 +1,4 @@
-"""PyPI k-diffusion's sampling module without its package __init__ (for the tests and the benchmark)."""
+"""PyPI k-diffusion's sampling module without its package __init__ (the golden reference of the tests and benchmarks)."""
 import importlib
 import importlib.util
 import sys

@@ -1,0 +1,311 @@
+"""End-to-end calibration: every step's parameters, and optionally the interior time steps, learned jointly by
+gradient descent through the sampler and the frozen model, against the teacher's endpoint from the same noise.
+
+The sequential fit (engine.py) sees one step at a time: it cannot see what a step's correction does to the later
+steps' model evaluations. This stage starts from its result and minimises the endpoint error of whole
+trajectories instead, as LD3, S4S and the Bespoke solvers do, with only the calibration's few numbers
+requiring gradients (the model's weights never do).
+
+- **Parametrisation** (all in units where a step of 0.01 is a small, comparable change): IIA coefficients move
+  by multiples of the step's own displacement measured in their basis vector's norm (so a coefficient on the
+  state, whose vector is large early on, and one on a small difference move the sample alike); AMED's ``r`` and
+  ``c`` move additively, ``a`` multiplicatively; the interior log-sigmas are the cumulative sums of softmax
+  gaps over the fixed span, so they stay ordered and the first and last sigma stay as requested.
+- **Memory**: each step is checkpointed (its activations are recomputed in the backward pass, so a trajectory
+  keeps only its states), and the gradient is accumulated chunk by chunk, so the peak is one chunk's step
+  whatever the batch. The model may be float16/bfloat16; the parameters and the solver's arithmetic are float32
+  or better (samplers._core.work_dtype).
+- **Safety**: the held-out share picks the iterate (evaluated every ``eval_every`` iterations; the start is
+  iterate 0, so the result is never worse than the start on the held-out noises) and stops the run after
+  ``patience`` evaluations without improvement, or when the budget is spent.
+"""
+import math
+import time
+
+import torch
+
+from ..samplers import SAMPLERS
+from ..samplers._core import Denoiser, integrate
+from ..samplers.amed import DEFAULTS as AMED_DEFAULTS
+
+R_BOUNDS = (0.02, 1.0)
+
+
+class Learnable:
+    """The free numbers of one calibration and how they map to the sampler's parameters and schedule."""
+
+    def __init__(self, kind, params, sig, learn_params=True, learn_sigmas=True, scales=None, device="cpu"):
+        self.kind, self.device = kind, torch.device(device)
+        self.start = {k: None if v is None else v.detach().to(self.device, torch.float64) for k, v in params.items()}
+        self.sig = [float(s) for s in sig]
+        self.leaves = {}
+        if learn_params:
+            if kind == "iia":
+                self.scale = scales.to(self.device, torch.float64)  # per step: coefficient change per unit of delta
+                self.leaves["coeffs"] = torch.zeros_like(self.start["coeffs"])
+                if self.start.get("a") is None:
+                    self.start["a"] = torch.ones(len(self.sig) - 1, dtype=torch.float64, device=self.device)
+                self.leaves["a"] = torch.zeros_like(self.start["a"])
+            else:
+                for k in ("r", "c", "a"):
+                    self.leaves[k] = torch.zeros_like(self.start[k])
+        # the span [sigma_0, last positive sigma] stays; the points inside it move
+        self.last = len(self.sig) - (2 if self.sig[-1] == 0 else 1)
+        self.learn_sigmas = learn_sigmas and self.last >= 2
+        if self.learn_sigmas:
+            logs = torch.tensor([math.log(s) for s in self.sig[:self.last + 1]], dtype=torch.float64)
+            self.span = float(logs[0] - logs[-1])
+            self.leaves["gaps"] = (logs[:-1] - logs[1:]).log().to(self.device)
+        for t in self.leaves.values():
+            t.requires_grad_(True)
+
+    def parameters(self):
+        return list(self.leaves.values())
+
+    def materialize(self):
+        """(params, sig) for the sampler's stepper: tensors that carry gradients to the leaves."""
+        L = self.leaves
+        if self.kind == "iia":
+            params = ({"coeffs": self.start["coeffs"] + torch.einsum("ikl,il->ik", self.scale, L["coeffs"]),
+                       "a": self.start["a"] * L["a"].exp()} if "coeffs" in L else self.start)
+        elif "r" in L:
+            params = {"r": (self.start["r"] + L["r"]).clamp(*R_BOUNDS), "c": self.start["c"] + L["c"],
+                      "a": self.start["a"] * L["a"].exp()}
+        else:
+            params = self.start
+        if not self.learn_sigmas:
+            return params, self.sig
+        fractions = torch.softmax(L["gaps"], 0).cumsum(0)
+        logs = math.log(self.sig[0]) - self.span * fractions
+        sig = [self.sig[0]] + [logs[j - 1].exp() for j in range(1, self.last)] + self.sig[self.last:]
+        return params, sig
+
+    def values(self):
+        """(params as float64 CPU tensors, the learned sigmas as a float64 tensor or None)."""
+        with torch.no_grad():
+            params, sig = self.materialize()
+            params = {k: v.detach().to("cpu", torch.float64).clone() for k, v in params.items() if v is not None}
+            learned = None
+            if self.learn_sigmas:
+                learned = torch.tensor([float(s) for s in sig], dtype=torch.float64)
+                learned[0], learned[-1] = self.sig[0], self.sig[-1]
+        return params, learned
+
+    def state(self):
+        return {k: v.detach().clone() for k, v in self.leaves.items()}
+
+    def load_state(self, state):
+        with torch.no_grad():
+            for k, v in state.items():
+                self.leaves[k].copy_(v)
+
+
+def iia_scales(step_rms, gram, floor=1e-3):
+    """Per step, the matrix M with coeffs = start + M @ delta: a unit change of delta in any direction moves the
+    step's result by its own displacement's RMS (the basis is whitened by its mean Gram matrix ``gram``, so
+    nearly collinear vectors, such as the x0 predictions of neighbouring steps, do not make the problem
+    ill-conditioned). Coefficients whose basis vector never exists get a zero row and column."""
+    n_steps, k, _ = gram.shape
+    out = torch.zeros_like(gram)
+    for i in range(n_steps):
+        live = gram[i].diagonal() > 0
+        if not live.any():
+            continue
+        G = gram[i][live][:, live]
+        lam, U = torch.linalg.eigh(G)
+        lam = lam + floor * float(lam.max())  # directions the data barely determine are damped, not amplified
+        M = U @ torch.diag(lam.rsqrt()) @ U.T * step_rms[i]
+        idx = live.nonzero().flatten()
+        out[i][idx[:, None], idx[None, :]] = M
+    return out
+
+
+class Stage:
+    """One end-to-end run on a calibration ``_Run`` (engine.py): fit chunks learn, held-out chunks judge."""
+
+    def __init__(self, run, method, options, learn, teacher_end, lr=0.003, eval_every=5, patience=8, batch=None,
+                 budget=None, time_limit=None, checkpoint=True, progress=None, margin=1.0, loss="rmse"):
+        self.run, self.method, self.options, self.learn = run, method, dict(options), learn
+        self.teacher_end = teacher_end
+        self.lr, self.eval_every, self.patience, self.batch = lr, eval_every, patience, batch
+        self.budget, self.time_limit, self.checkpoint, self.progress = budget, time_limit, checkpoint, progress
+        self.margin, self.loss = margin, loss
+        self.fit = [ch for ch in run.chunks if not ch.held_out]
+        self.held = [ch for ch in run.chunks if ch.held_out]
+        self.n_fit = sum(ch.n for ch in self.fit)
+        self.forward = self.backward = 0  # model evaluations x samples, in the forward and the backward passes
+        self.history = []
+
+    # ------------------------------------------------------------------ one chunk
+    def _endpoint(self, chunk, grad):
+        run = self.run
+        params, sig = self.learn.materialize()
+        step = SAMPLERS[self.method].stepper(params, self.options)
+        x = run.x0[chunk.sl].to(run.device)
+        ev = Denoiser(run.model, x, run.sigmas, run.conditions[chunk.group])
+        end = integrate(step, ev, x, sig, run.family, checkpoint=self.checkpoint and grad)
+        return end, ev
+
+    def _errors(self, chunk, end):
+        """Per-noise mean squared endpoint error against the teacher (differentiable)."""
+        target = self.teacher_end[chunk.sl].to(end.device, torch.float64)
+        return (end.to(torch.float64) - target).flatten(1).pow(2).mean(1)
+
+    def held_out_errors(self):
+        """Mean squared endpoint error of each held-out noise against the teacher (float64, CPU)."""
+        out = []
+        with torch.no_grad():
+            for ch in self.held:
+                end, ev = self._endpoint(ch, grad=False)
+                self.forward += ev.calls * ch.n
+                out.append(self._errors(ch, end).cpu())
+                self.run.check_cancel()
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def gradient(self, chunks):
+        """Accumulate the loss gradient over ``chunks`` chunk by chunk; returns their RMS endpoint error.
+
+        The loss is the mean over noises of each noise's RMS endpoint error (``loss="rmse"``), not of its squared
+        error: every noise pulls with the same weight, so the few whose trajectories end near another mode (whose
+        errors are large and which no smooth change of the solver fixes) do not drag the parameters after them.
+        ``loss="mse"`` is the plain mean squared error.
+        """
+        total = sum(ch.n for ch in chunks)
+        squared, elements = 0.0, 0
+        leaves = self.learn.parameters()
+        with torch.enable_grad():
+            for ch in chunks:
+                end, ev = self._endpoint(ch, grad=True)
+                calls = ev.calls
+                errors = self._errors(ch, end)
+                loss = (errors.clamp_min(1e-30).sqrt() if self.loss == "rmse" else errors).sum() / total
+                # only the calibration's leaves get gradients: a model whose weights require grad is not touched
+                for leaf, g in zip(leaves, torch.autograd.grad(loss, leaves, allow_unused=True)):
+                    if g is not None:
+                        leaf.grad = g if leaf.grad is None else leaf.grad + g
+                # with checkpointing the backward pass re-ran every step's evaluations (counted by ev.calls)
+                self.forward += ev.calls * ch.n
+                self.backward += calls * ch.n
+                squared += float(errors.detach().sum())
+                elements += ch.n
+                self.run.check_cancel()
+        return math.sqrt(squared / max(elements, 1))
+
+    @property
+    def spent(self):
+        """Model-evaluation equivalents per calibration noise: a backward pass counts as two forward ones."""
+        return (self.forward + 2 * self.backward) / self.run.x0.shape[0]
+
+    # ------------------------------------------------------------------ the loop
+    def _finite(self, grads=False):
+        tensors = [p.grad for p in self.learn.parameters() if p.grad is not None] if grads else self.learn.parameters()
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def _out_of_budget(self, started):
+        return ((self.budget is not None and self.spent >= self.budget)
+                or (self.time_limit is not None and time.perf_counter() - started >= self.time_limit))
+
+    def optimise(self, optimizer="lbfgs", max_rounds=200):
+        """Rounds of ``eval_every`` optimiser iterations, each followed by the held-out check; keeps the best.
+
+        "lbfgs": full-batch L-BFGS with a strong-Wolfe line search (the loss is smooth and the parameters few:
+        it converges in far fewer passes than a first-order method); "adam": Adam on ``batch`` fit chunks per
+        iteration (all by default), learning rate ``lr``.
+        """
+        started = time.perf_counter()
+        params = self.learn.parameters()
+        if optimizer not in ("lbfgs", "adam"):
+            raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+        self.last_loss = float("nan")
+        start = self.held_out_errors()
+        best = (start, 0, self.learn.state())
+        self.history.append({"round": 0, "held_out_rmse": _rmse(start), "spent": self.spent})
+        if not params:  # nothing to learn (a schedule too short to move, and no parameters asked for)
+            max_rounds = 0
+        elif optimizer == "lbfgs":
+            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=self.eval_every, history_size=20,
+                                    line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
+        else:
+            opt = torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.99))
+        gen = torch.Generator().manual_seed(0)
+        order = []
+
+        def closure():
+            opt.zero_grad(set_to_none=False)
+            if self._out_of_budget(started):  # a zero gradient ends L-BFGS's iterations at once
+                return torch.tensor(self.last_loss)
+            self.last_loss = self.gradient(self.fit) ** 2
+            if self.progress is not None:
+                self.progress(self.spent)
+            return torch.tensor(self.last_loss)
+
+        def adam_step():
+            nonlocal order
+            if self.batch is None or self.batch >= self.n_fit:
+                chunks = self.fit
+            else:  # passes over the fit chunks in random order, chunks adding up to ``batch`` noises per iteration
+                chunks = []
+                while sum(ch.n for ch in chunks) < self.batch:
+                    if not order:
+                        order = torch.randperm(len(self.fit), generator=gen).tolist()
+                    chunks.append(self.fit[order.pop()])
+            opt.zero_grad(set_to_none=True)
+            self.last_loss = self.gradient(chunks) ** 2
+            if not self._finite(grads=True):
+                return False
+            if self.budget is not None:  # cosine decay over the budget: large steps first, a settled end
+                for group in opt.param_groups:
+                    group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.budget)))
+            opt.step()
+            if self.progress is not None:
+                self.progress(self.spent)
+            return True
+
+        stale = 0
+        for rnd in range(1, max_rounds + 1):
+            if self._out_of_budget(started):
+                break
+            if optimizer == "lbfgs":
+                opt.step(closure)
+            else:
+                for _ in range(self.eval_every):
+                    if self._out_of_budget(started) or not adam_step():
+                        break
+            if not self._finite():  # diverged (a step far too large): the best iterate so far stands
+                break
+            held = self.held_out_errors()
+            self.history.append({"round": rnd, "held_out_rmse": _rmse(held), "fit_rmse": math.sqrt(self.last_loss),
+                                 "spent": self.spent})
+            if not math.isfinite(_rmse(held)):
+                break
+            if held.mean() < best[0].mean() and _significantly_lower(held, start, self.margin):
+                best, stale = (held, rnd, self.learn.state()), 0
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        self.learn.load_state(best[2])
+        return {"optimizer": optimizer, "rounds": len(self.history) - 1, "best_round": best[1],
+                "held_out_rmse": _rmse(best[0]), "start_held_out_rmse": self.history[0]["held_out_rmse"],
+                "seconds": round(time.perf_counter() - started, 3), "evaluations_per_sample": round(self.spent, 2),
+                "forward_evaluations": self.forward, "backward_evaluations": self.backward,
+                "curve": [[round(h["spent"], 2), h["held_out_rmse"]] for h in self.history]}
+
+
+def _rmse(errors):
+    return math.sqrt(float(errors.mean())) if errors.numel() else float("nan")
+
+
+def _significantly_lower(errors, start, margin):
+    """Whether per-noise ``errors`` beat ``start`` (the same held-out noises) by more than ``margin`` standard
+    errors of their paired difference: endpoint errors are heavy-tailed, and the best of many noisy held-out
+    checks would otherwise be picked for its luck on a few noises."""
+    diff = start - errors
+    if diff.numel() < 2:
+        return bool(diff.sum() > 0)
+    return bool(diff.mean() > margin * diff.std() / math.sqrt(diff.numel()))
+
+
+def amed_defaults_of(params):
+    """Boolean per step: the AMED parameters are exactly the defaults (the base update)."""
+    return (params["r"] == AMED_DEFAULTS["r"]) & (params["c"] == AMED_DEFAULTS["c"]) & (params["a"] == AMED_DEFAULTS["a"])

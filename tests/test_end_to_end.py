@@ -1,0 +1,163 @@
+"""The end-to-end stage: it finds a known optimum, touches only the calibration's numbers, never ends worse than
+its start on the held-out share, does not depend on chunking, and a file with learned time steps samples on them.
+"""
+import math
+
+import pytest
+import torch
+
+from calibrated_samplers.calibration import calibrate, load
+from calibrated_samplers.calibration import end_to_end as E
+from calibrated_samplers.calibration.testbed.analytic import GaussianMixture, karras, rmse
+from calibrated_samplers.samplers import SAMPLERS, Family
+
+MIXTURE = GaussianMixture()
+SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
+
+
+class IsotropicGaussian(torch.nn.Module):
+    """Data N(0, s^2 I): D(x, sigma) = x s^2 / (s^2 + sigma^2). ``weight`` (exactly 1) requires grad, as a
+    network's weights may in a UI: the calibration must leave it alone."""
+
+    def __init__(self, s=0.5):
+        super().__init__()
+        self.s2 = s * s
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, sigma, **unused):
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return self.weight * x * self.s2 / (self.s2 + s * s)
+
+
+def dpmpp_2m_two_steps(s0, s1, s2, var):
+    """Endpoint / start of DPM-Solver++(2M) on [s0, s1, s2, 0] for N(0, var I) data, written out from Lu et al.
+    (2022) independently of the pack: DDIM first, the 2M extrapolation second, the denoiser into 0."""
+    kappa = lambda v: var / (var + v * v)  # noqa: E731  (D = kappa x)
+    x1 = s1 / s0 + (1 - s1 / s0) * kappa(s0)
+    h, h_last = math.log(s1 / s2), math.log(s0 / s1)
+    r = h_last / h
+    d = (1 + 1 / (2 * r)) * kappa(s1) * x1 - (1 / (2 * r)) * kappa(s0)
+    x2 = (s2 / s1) * x1 + (1 - s2 / s1) * d
+    return kappa(s2) * x2
+
+
+def test_learns_the_known_optimal_time_step():
+    """One interior sigma of a 3-step DPM-Solver++(2M), learned alone (LD3-style), lands on the optimum.
+
+    The exact ODE maps x to x sqrt((s^2 + s2^2) / (s^2 + s0^2)) down to s2, then the last step denoises. No s1 reaches
+    that factor here, so the endpoint error is least where the solver's factor is largest: argmax over s1 of the
+    closed form above (golden-section search). The teacher (200 sub-steps) matches the exact ODE to ~1e-6.
+    """
+    model, var = IsotropicGaussian(), 0.25
+    s0, s2 = 2.0, 0.2
+    gain = lambda s1: dpmpp_2m_two_steps(s0, s1, s2, var)  # noqa: E731
+    exact = math.sqrt((var + s2 * s2) / (var + s0 * s0)) * var / (var + s2 * s2)
+    lo, hi = s2 * 1.01, s0 * 0.99
+    for _ in range(200):
+        a, b = lo + 0.382 * (hi - lo), hi - 0.382 * (hi - lo)
+        lo, hi = (a, hi) if gain(a) < gain(b) else (lo, b)
+    best = 0.5 * (lo + hi)
+    assert gain(best) < exact  # the optimum is interior and unique
+    start = torch.tensor([s0, 1.6, s2, 0.0], dtype=torch.float64)  # deliberately far from it
+    noise = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s0
+    cal = calibrate(model, start, "iia_dpmpp_2m", noise, family="edm", fine_steps=200, sigma_min=s2,
+                    learn_params=False, optimizer="lbfgs", budget=5000)
+    learned = cal.sample_sigmas
+    assert learned is not None and learned[0] == s0 and learned[2] == s2 and learned[3] == 0
+    print(f"learned s1 {float(learned[1]):.5f}, optimum {best:.5f}")
+    assert float(learned[1]) == pytest.approx(best, rel=0.01)
+    assert torch.equal(cal.sigmas, start) and not cal.params["coeffs"].any()  # key unchanged, solver plain
+    assert model.weight.grad is None
+
+
+def test_gradients_reach_the_leaves_and_not_the_model():
+    from calibrated_samplers.calibration.engine import _Run
+    model = IsotropicGaussian()
+    sig = karras(5, 0.05, 10.0)
+    noise = torch.randn(32, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 10.0
+    run = _Run(model, sig, noise, [{}], Family("edm"), 16, 0.25, None, None, None)
+    params = {k: torch.full((5,), v, dtype=torch.float64) for k, v in (("r", 0.5), ("c", 1.0), ("a", 1.0))}
+    learn = E.Learnable("amed", params, run.sig, learn_sigmas=True)
+    stage = E.Stage(run, "amed_euler", {}, learn, torch.zeros_like(noise))
+    stage.gradient(stage.fit)
+    for name, leaf in learn.leaves.items():
+        assert leaf.grad is not None and leaf.grad.abs().sum() > 0, name
+    assert model.weight.grad is None
+    assert stage.forward > 0 and stage.backward > 0
+    # checkpointing re-ran each step's evaluations in the backward pass: twice the forward evaluations
+    assert stage.forward == 2 * stage.backward
+
+
+def test_never_ends_worse_than_its_start_on_held_out_noises():
+    sig = karras(6, SIGMA_MIN, SIGMA_MAX)
+    noise = MIXTURE.noise(64, seed=5) * SIGMA_MAX
+    start = calibrate(MIXTURE.edm(), sig, "iia_dpmpp_2m", noise, family="edm", end_to_end=False)
+    wild = calibrate(MIXTURE.edm(), sig, "iia_dpmpp_2m", noise, family="edm", learning_rate=30.0, budget=300)
+    e2e = wild.info["end_to_end"]
+    assert e2e["held_out_rmse"] <= e2e["start_held_out_rmse"]
+    assert e2e["best_round"] == 0  # every step made it worse: the start is kept, exactly
+    assert torch.equal(wild.params["coeffs"], start.params["coeffs"]) and wild.sample_sigmas is None
+    tuned = calibrate(MIXTURE.edm(), sig, "iia_dpmpp_2m", noise, family="edm", budget=300)
+    assert tuned.info["end_to_end"]["held_out_rmse"] <= tuned.info["end_to_end"]["start_held_out_rmse"]
+
+
+@pytest.mark.parametrize("name", ["iia_dpmpp_2m", "amed_dpmpp_2m"])
+def test_chunk_size_changes_nothing_but_rounding(name):
+    sig = karras(5, SIGMA_MIN, SIGMA_MAX)
+    noise = MIXTURE.noise(48, seed=6) * SIGMA_MAX
+    kw = dict(family="edm", fit_batch=None, budget=150)
+    one = calibrate(MIXTURE.edm(), sig, name, noise, chunk_size=48, **kw)
+    many = calibrate(MIXTURE.edm(), sig, name, noise, chunk_size=5, **kw)
+    assert one.info["end_to_end"]["best_round"] > 0
+    for k in one.params:
+        torch.testing.assert_close(one.params[k], many.params[k], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(one.sample_sigmas, many.sample_sigmas, rtol=1e-6, atol=0)
+
+
+def test_end_to_end_lowers_the_held_out_error_further():
+    """On noises it never saw, the end-to-end result beats the sequential fit it started from (exact reference)."""
+    sig = karras(5, SIGMA_MIN, SIGMA_MAX)
+    fit, test = MIXTURE.noise(128, seed=7) * SIGMA_MAX, MIXTURE.noise(256, seed=8) * SIGMA_MAX
+    ref = MIXTURE.reference(test, SIGMA_MAX, 0.0, steps_per_unit=100)
+    seq = calibrate(MIXTURE.edm(), sig, "iia_dpmpp_2m", fit, family="edm", end_to_end=False)
+    e2e = calibrate(MIXTURE.edm(), sig, "iia_dpmpp_2m", fit, family="edm")
+    fn = SAMPLERS["iia_dpmpp_2m"]
+    errors = [rmse(fn(MIXTURE.edm(), test, sig, disable=True, calibration=c), ref) for c in (None, seq, e2e)]
+    print("plain / sequential / end to end:", [f"{e:.4f}" for e in errors])
+    assert errors[2] < errors[1] < errors[0]
+
+
+def test_learned_time_steps_are_what_sampling_uses(tmp_path):
+    sig = karras(5, SIGMA_MIN, SIGMA_MAX)
+    noise = MIXTURE.noise(64, seed=9) * SIGMA_MAX
+    cal = calibrate(MIXTURE.edm(), sig, "iia_dpmpp_2m", noise, family="edm", budget=200)
+    assert cal.sample_sigmas is not None and not torch.equal(cal.sample_sigmas, cal.sigmas)
+    path = tmp_path / "learned.safetensors"
+    cal.save(path)
+    loaded = load(path)
+    assert torch.equal(loaded.sample_sigmas, cal.sample_sigmas)
+    assert all(torch.equal(loaded.params[k], cal.params[k]) for k in cal.params)
+    fn, x = SAMPLERS["iia_dpmpp_2m"], MIXTURE.noise(8, seed=10) * SIGMA_MAX
+    raw = {k: v for k, v in cal.params.items()}  # a raw mapping is never checked: sampled on the sigmas given
+    on_learned = fn(MIXTURE.edm(), x, cal.sample_sigmas, disable=True, calibration=raw)
+    with_file = fn(MIXTURE.edm(), x, sig, disable=True, calibration=loaded)
+    torch.testing.assert_close(with_file, on_learned, rtol=0, atol=0)
+    # given the learned sigmas (the nodes' SIGMAS output) instead of the requested ones: the same
+    torch.testing.assert_close(fn(MIXTURE.edm(), x, cal.sample_sigmas, disable=True, calibration=loaded), on_learned,
+                               rtol=0, atol=0)
+    seen = []
+    fn(MIXTURE.edm(), x, sig, disable=True, calibration=loaded, callback=lambda d: seen.append(float(d["sigma"])))
+    assert seen == [float(s) for s in cal.sample_sigmas[:-1]]
+    assert fn.evaluations(cal.sample_sigmas) == fn.evaluations(sig)
+
+
+def test_time_limit_and_budget_bound_the_stage():
+    sig = karras(5, SIGMA_MIN, SIGMA_MAX)
+    noise = MIXTURE.noise(32, seed=11) * SIGMA_MAX
+    cal = calibrate(MIXTURE.edm(), sig, "amed_euler", noise, family="edm", budget=50)
+    e2e = cal.info["end_to_end"]
+    # the budget is checked between iterations: at most one iteration (4 equivalents per step per fit noise) over
+    assert e2e["evaluations_per_sample"] <= 50 + 4 * 2 * 5
+    assert e2e["forward_evaluations"] > 0 and e2e["budget"] == 50
+    quick = calibrate(MIXTURE.edm(), sig, "amed_euler", noise, family="edm", budget=1e9, time_limit=0.0)
+    assert quick.info["end_to_end"]["rounds"] == 0
