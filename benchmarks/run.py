@@ -1,20 +1,20 @@
-"""Side-by-side quality benchmark: built-in samplers vs this pack's, uncalibrated and calibrated, at equal
-model evaluations, on the tiny learned digit models and the analytic Gaussian mixture.
+"""Side-by-side benchmark: uncalibrated samplers on several fixed schedules, the schedule-learning peers (GITS-style,
+LD3-style) and this pack's calibrated samplers, at equal model evaluations, on the tiny learned digit models.
 
-    bash benchmarks/run.sh            # sets up .venv-bench and runs this; writes benchmarks/BENCHMARKS.md
-    python benchmarks/run.py --quick  # a smaller run to check the plumbing
+    bash benchmarks/run.sh             # sets up .venv-bench and runs this; writes benchmarks/BENCHMARKS.md
+    python benchmarks/run.py --quick   # a smaller run to check the plumbing
 
-Per cell: endpoint RMSE against a high-accuracy reference from the same noise (Heun with 100 steps for the
-learned models, the exact RK4 solution for the mixture); for the digit models a Frechet distance in the
-digit classifier's feature space against scikit-learn's real digits and the class accuracy of the samples;
-wall time per image as a ratio to the base solver in the same run. Calibrations are fitted on one set of
-noises (seed 0) and measured on another (seeds from 1000). Set COMFYUI_PATH to a ComfyUI checkout to add
-ComfyUI's own ipndm, ipndm_v, deis, uni_pc, res_multistep and gradient_estimation.
+Per cell: endpoint RMSE against a 100-step Heun reference from the same noise (200 test noises, seeds from 1000,
+20 per class), the Frechet distance in the digit classifier's features and the class accuracy. Everything that
+is fitted (GITS's dynamic programme, LD3's time steps, the pack's calibrations) sees the same 256 calibration
+noises (seed 0) and never a test noise. "Best uncalibrated" is the best of k-diffusion's euler, heun, dpm_2, lms
+and dpmpp_2m and the pack's ipndm, spndm and gddim, each on every fixed schedule tried (Karras with rho 3, 5, 7
+and 10 and log-uniform sigmas for the eps models; t uniform with shift 1, 2 and 3 and Karras for the flow model).
+digits-eps-narrow is the held-out model: no setting of the calibration was chosen on it.
 """
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -24,39 +24,43 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 from calibrated_samplers.calibration import calibrate  # noqa: E402
+from calibrated_samplers.calibration.engine import BUDGET_FACTOR  # noqa: E402
 from calibrated_samplers.calibration.testbed import testbed  # noqa: E402
-from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations  # noqa: E402
+from calibrated_samplers.calibration.testbed.analytic import flow_sigmas, karras  # noqa: E402
 from calibrated_samplers.calibration.testbed.kdiffusion import load_k_diffusion_sampling  # noqa: E402
-from memory import proc_status, reset_peak  # noqa: E402  (benchmarks/memory.py, beside this script)
+from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations  # noqa: E402
+from memory import proc_status, reset_peak  # noqa: E402  (benchmarks/memory.py)
+from peers import gits_schedule, ld3_calibration  # noqa: E402  (benchmarks/peers.py)
 
-CALIBRATED = [n for n, f in SAMPLERS.items() if f.kind != "plain"]
-# uncalibrated samplers of this pack that are not already a k-diffusion sampler (the rest reduce to one)
-PACK_PLAIN = {"ipndm (pack)": ("iia_ipndm", {}), "spndm (pack)": ("iia_spndm", {}), "gddim (pack)": ("gddim", {})}
-# k-diffusion samplers, each with this pack's sampler of the same evaluation count (for its schedule)
+# uncalibrated: label -> (callable maker, the pack sampler with the same evaluation count per schedule)
 K_SAMPLERS = {"euler": "iia_ddim", "heun": "iia_edm", "dpm_2": "amed_dpm_2", "lms": "iia_ipndm",
               "dpmpp_2m": "iia_dpmpp_2m"}
-COMFY_SAMPLERS = ["ipndm", "ipndm_v", "deis", "uni_pc", "res_multistep", "gradient_estimation"]
+PACK_PLAIN = {"ipndm": "iia_ipndm", "spndm": "iia_spndm", "gddim": "gddim"}
+CALIBRATED = ["iia_dpmpp_2m", "iia_ipndm", "amed_ipndm"]
+PEER_SOLVERS = {"dpmpp_2m": "iia_dpmpp_2m", "ipndm": "iia_ipndm"}  # plain solver -> the pack sampler that is it
+SETTINGS = [("digits-eps", 1.0), ("digits-eps", 5.0), ("digits-flow", 1.0), ("digits-eps-narrow", 1.0)]
 
 
-def load_comfy(path):
-    """ComfyUI's own samplers from a checkout (k-diffusion convention), or {} with the reason printed."""
-    if not path:
-        return {}
-    sys.path.insert(0, path)
-    try:
-        from comfy.k_diffusion import sampling as cs
-        out = {n: getattr(cs, f"sample_{n}") for n in COMFY_SAMPLERS if hasattr(cs, f"sample_{n}")}
-        try:
-            from comfy.extra_samplers import uni_pc
-            out["uni_pc"] = uni_pc.sample_unipc
-        except Exception:  # noqa: BLE001
-            pass
+def schedules(bed):
+    """name -> f(steps, zero) for every fixed schedule tried with this model's family."""
+    if bed.family == "flow":
+        def shifted(shift):
+            def make(steps, zero):
+                sig = flow_sigmas(steps, shift=shift)
+                return sig if zero else torch.cat([sig[:-1], sig.new_tensor([bed.sigma_min])])
+            return make
+        out = {f"shift {s:g}": shifted(s) for s in (1.0, 2.0, 3.0)}
+        out["karras"] = lambda steps, zero: karras(steps if zero else steps + 1, 0.002, 1.0, zero=zero)
         return out
-    except Exception as e:  # noqa: BLE001
-        print(f"COMFYUI_PATH={path}: could not import ComfyUI's samplers ({e}); continuing without them")
-        return {}
+
+    def karras_rho(rho):
+        return lambda steps, zero: karras(steps if zero else steps + 1, bed.sigma_min, bed.sigma_max, rho, zero)
+    out = {("karras" if rho == 7 else f"karras rho {rho}"): karras_rho(rho) for rho in (7, 3, 5, 10)}
+    out["log-uniform"] = karras_rho(1e6)
+    return out
 
 
 class Digits:
@@ -83,202 +87,244 @@ class Digits:
 
 
 class Setting:
-    def __init__(self, model_name, cfg, n_test, n_cal, ref_steps):
+    def __init__(self, model_name, cfg, n_test, n_cal):
         self.bed = testbed(model_name)
-        self.name = f"{model_name}" + (f" cfg {cfg:g}" if cfg is not None else "")
+        self.name = f"{model_name} cfg {cfg:g}"
         self.cfg = cfg
-        self.conditions = self.bed.conditions(cfg if cfg is not None else 1.0)
-        self.n_test, self.n_cal, self.ref_steps = n_test, n_cal, ref_steps
-        per = max(1, n_test // len(self.conditions))
-        self.groups = [(c, slice(j * per, (j + 1) * per)) for j, c in enumerate(self.conditions)]
-        self.labels = torch.cat([torch.full((per,), c.get("cond", -1)) for c in self.conditions])
-        self.refs = {}
+        self.conditions = self.bed.conditions(cfg)
+        self.fam = dict(family=self.bed.family, shift=self.bed.shift)
+        self.per = max(1, n_test // len(self.conditions))
+        self.labels = torch.arange(len(self.conditions)).repeat_interleave(self.per)
+        self.n_cal = n_cal
+        self.unit = torch.randn(self.per * len(self.conditions), *self.bed.shape,
+                                generator=torch.Generator().manual_seed(1000))
+        self.reference = self.sample(SAMPLERS["iia_edm"], self.bed.sigmas(100), **self.fam)
 
-    def noise(self, sig, seed, n):
-        return self.bed.noise(n, seed, sig)
+    def sample(self, fn, sig, **kw):
+        x = self.unit if self.bed.family == "flow" else self.unit * float(sig[0])
+        return torch.cat([fn(self.bed.model, x[j * self.per:(j + 1) * self.per], sig, extra_args=c, disable=True,
+                             **kw) for j, c in enumerate(self.conditions)])
 
-    def sample(self, fn, sig, seed=1000, **kw):
-        """Run ``fn`` per condition group on the test noises; returns (samples, seconds)."""
-        x = self.noise(sig, seed, len(self.labels))
-        out, t0 = [], time.perf_counter()
-        for cond, sl in self.groups:
-            out.append(fn(self.bed.model, x[sl], sig, extra_args=cond, disable=True, **kw))
-        return torch.cat(out), time.perf_counter() - t0
+    def cal_noise(self, sig):
+        return self.bed.noise(self.n_cal, 0, sig)
 
-    def reference(self, sig):
-        end = float(sig[-1])
-        if end not in self.refs:
-            if self.bed.name.startswith("analytic"):
-                from calibrated_samplers.calibration.testbed.analytic import GaussianMixture
-                mix = GaussianMixture()
-                x = self.noise(sig, 1000, len(self.labels)).double()
-                fam = "flow" if self.bed.family == "flow" else "ve"
-                parts = [mix.reference(x[sl], float(sig[0]), end, family=fam, cond=c.get("cond"),
-                                       cfg=c.get("cfg", 1.0), steps_per_unit=100) for c, sl in self.groups]
-                self.refs[end] = torch.cat(parts).float()
-            else:
-                fine = self.bed.sigmas(self.ref_steps, zero=end == 0)
-                if end > 0:
-                    fine[-1] = end
-                fam = dict(family=self.bed.family, shift=self.bed.shift)
-                self.refs[end] = self.sample(SAMPLERS["iia_edm"], fine, **fam)[0]
-        return self.refs[end]
+    def calibrate(self, sig, name, **kw):
+        return calibrate(self.bed.model, sig, name, self.cal_noise(sig), self.conditions, chunk_size=64,
+                         sigma_min=self.bed.sigma_min, **self.fam, **kw)
 
 
 def rmse(a, b):
     return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
-def run_setting(st, evals, cal_evals, K, comfy, digits, log):
-    fam = dict(family=st.bed.family, shift=st.bed.shift)
-    rows = {}  # sampler label -> {evaluations: metrics}
+def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
+    K = load_k_diffusion_sampling()
+    rows = {}  # label -> {evaluations: metrics}
+    kinds = {}  # label -> "uncalibrated" | "peer" | "calibrated"
     cal_rows = []
+    scheds = schedules(st.bed)
 
-    def record(label, n, x, seconds, sig, base_seconds=None):
-        m = {"rmse": rmse(x, st.reference(sig)), "seconds_per_image": seconds / len(x)}
-        if digits is not None:
-            m["fd"] = digits.frechet(x)
-            if st.cfg is not None:
-                m["accuracy"] = digits.accuracy(x, st.labels)
-        if base_seconds:
-            m["time_ratio"] = seconds / base_seconds
+    def record(label, kind, n, x, extra=None):
+        m = {"rmse": rmse(x, st.reference), "fd": digits.frechet(x)}
+        if st.cfg != 1.0 or True:
+            m["accuracy"] = digits.accuracy(x, st.labels)
+        m.update(extra or {})
         rows.setdefault(label, {})[n] = m
-        log(f"  {st.name:18s} {label:24s} {n:2d} evals  rmse {m['rmse']:.4f}" +
-            (f"  fd {m['fd']:.2f}" if "fd" in m else "") + (f"  acc {m['accuracy']:.2f}" if "accuracy" in m else ""))
+        kinds[label] = kind
+        log(f"  {st.name:22s} {label:44s} {n:2d} evals  rmse {m['rmse']:.4f}  fd {m['fd']:.2f}")
         return m
 
+    def timed_calibration(sig, name, **kw):
+        start_rss = reset_peak()
+        t0 = time.perf_counter()
+        cal = st.calibrate(sig, name, **kw)
+        seconds = time.perf_counter() - t0
+        peak = proc_status("VmHWM")
+        return cal, seconds, (peak - start_rss) / 2 ** 20 if peak and start_rss else float("nan")
+
     for n in evals:
-        base_times = {}
-        for name, twin in K_SAMPLERS.items():
+        # uncalibrated, every fixed schedule
+        for name, twin in list(K_SAMPLERS.items()) + list(PACK_PLAIN.items()):
             found = steps_for_evaluations(twin, n)
             if found is None:
                 continue
-            sig = st.bed.sigmas(*found)
-            x, sec = st.sample(getattr(K, f"sample_{name}"), sig)
-            record(f"{name} (k-diffusion)", n, x, sec, sig)
-        for name, cfn in comfy.items():
-            sig = st.bed.sigmas(n)
-            try:
-                x, sec = st.sample(cfn, sig)
-                record(f"{name} (ComfyUI)", n, x, sec, sig)
-            except Exception as e:  # noqa: BLE001
-                log(f"  ComfyUI {name}: {e}")
-        for label, (name, opts) in PACK_PLAIN.items():
-            found = steps_for_evaluations(name, n)
-            if found is None:
-                continue
-            sig = st.bed.sigmas(*found)
-            x, sec = st.sample(SAMPLERS[name], sig, **fam, **opts)
-            record(label, n, x, sec, sig)
-        if n not in cal_evals:
-            continue
-        for name in CALIBRATED:
-            found = steps_for_evaluations(name, n)
-            if found is None:
-                continue
-            sig = st.bed.sigmas(*found)
-            x, base_sec = st.sample(SAMPLERS[name], sig, **fam)
-            base_times[name] = base_sec
-            cal_noise = st.noise(sig, 0, st.n_cal)
-            start_rss = reset_peak()
+            for sched, make in scheds.items():
+                sig = make(*found)
+                if name in K_SAMPLERS:
+                    x = st.sample(getattr(K, f"sample_{name}"), sig)
+                else:
+                    x = st.sample(SAMPLERS[twin], sig, **st.fam)
+                record(f"{name} ({sched})", "uncalibrated", n, x)
+        # peers: GITS-style and LD3-style schedules for the plain DPM-Solver++(2M) and iPNDM
+        default = next(iter(scheds.values()))
+        for solver, twin in PEER_SOLVERS.items():
+            found = steps_for_evaluations(twin, n)
+            sig = default(*found)
             t0 = time.perf_counter()
-            cal = calibrate(st.bed.model, sig, name, cal_noise, st.conditions, chunk_size=64, **fam)
-            cal_seconds = time.perf_counter() - t0
-            peak = proc_status("VmHWM")
-            peak_mib = (peak - start_rss) / 2 ** 20 if peak and start_rss else float("nan")
-            x, sec = st.sample(SAMPLERS[name], sig, calibration=cal, **fam)
-            m = record(f"{name} (calibrated)", n, x, sec, sig, base_seconds=base_sec)
-            cal_rows.append({"sampler": name, "evaluations": n, "seconds": cal_seconds,
-                             "evaluations_per_noise": cal.info["model_evaluations_per_sample"],
-                             "strength": cal.info["strength"], "fallback_steps": int(cal.fallback.sum()),
-                             "steps": cal.steps, "time_ratio": m["time_ratio"], "peak_mib": peak_mib})
-    return rows, cal_rows
+            gits, cost = gits_schedule(st.bed.model, sig, st.cal_noise(sig), st.conditions, **st.fam)
+            record(f"{solver} (GITS-style schedule)", "peer", n, st.sample(SAMPLERS[twin], gits, **st.fam),
+                   {"sigmas": gits.tolist(), "seconds": time.perf_counter() - t0, "evaluations_per_noise": cost})
+            cal, seconds, peak = timed_calibration(sig, twin, learn_params=False)
+            learned = cal.sampling_sigmas.tolist()
+            record(f"{solver} (LD3-style schedule)", "peer", n, st.sample(SAMPLERS[twin], sig, calibration=cal,
+                                                                           **st.fam),
+                   {"sigmas": learned, "seconds": seconds, "evaluations_per_noise":
+                    cal.info["model_evaluations_per_sample"] + cal.info["end_to_end"]["evaluations_per_sample"]})
+        # the pack's calibrations: the default (end to end), and the per-step fit alone for the record
+        for name, label, kw in [(m, m, {}) for m in calibrated] + [
+                ("iia_dpmpp_2m", "iia_dpmpp_2m (per-step fit only)", {"end_to_end": False})]:
+            found = steps_for_evaluations(name, n)
+            if found is None:
+                continue
+            sig = default(*found)
+            cal, seconds, peak = timed_calibration(sig, name, **kw)
+            x = st.sample(SAMPLERS[name], sig, calibration=cal, **st.fam)
+            e2e = cal.info.get("end_to_end") or {}
+            m = record(f"{label} (calibrated)", "calibrated", n, x)
+            cal_rows.append({"sampler": label, "evaluations": n, "seconds": seconds, "peak_mib": peak,
+                             "sequential_evaluations": cal.info["model_evaluations_per_sample"],
+                             "end_to_end_evaluations": e2e.get("evaluations_per_sample", 0.0),
+                             "budget": e2e.get("budget"), "rounds": e2e.get("rounds"),
+                             "best_round": e2e.get("best_round"), "curve": e2e.get("curve"),
+                             "held_out": [e2e.get("start_held_out_rmse"), e2e.get("held_out_rmse")],
+                             "learned_sigmas": cal.sample_sigmas is not None,
+                             "sigmas": cal.sampling_sigmas.tolist(), "rmse": m["rmse"]})
+    return rows, kinds, cal_rows
 
 
-def best(rows, n, calibrated):
-    cands = [(r[n]["rmse"], label) for label, r in rows.items()
-             if n in r and label.endswith("(calibrated)") == calibrated]
+def best(rows, kinds, n, kind):
+    cands = [(r[n]["rmse"], label) for label, r in rows.items() if n in r and kinds[label] == kind]
     return min(cands) if cands else (float("nan"), None)
 
 
-def headline(setting_name, rows, evals):
-    out = []
-    b_cal, l_cal = best(rows, 5, True)
-    b_pl, l_pl = best(rows, 5, False)
-    out.append(f"{setting_name}: at 5 evaluations best calibrated {l_cal} {b_cal:.4f} / best non-calibrated "
-               f"{l_pl} {b_pl:.4f} = {b_cal / b_pl:.2f}x")
-    target, _ = best(rows, 10, False)
-    match = next((n for n in sorted(evals) if best(rows, n, True)[0] <= target), None)
-    out.append(f"{setting_name}: best calibrated matches the best non-calibrated at 10 evaluations "
-               f"({target:.4f}) from {match if match else 'no tested count (<= 10)'} evaluations")
-    return out
+def cost_curve(st, n, factor, log):
+    """The default calibration given ``factor`` times its usual budget, to show the gain per evaluation spent."""
+    name = "iia_dpmpp_2m"
+    sig = schedules(st.bed)["karras" if st.bed.family != "flow" else "shift 1"](*steps_for_evaluations(name, n))
+    probe = st.calibrate(sig, name, end_to_end=False)
+    budget = factor * BUDGET_FACTOR * probe.info["model_evaluations_per_sample"]
+    cal = st.calibrate(sig, name, budget=budget)
+    e2e = cal.info["end_to_end"]
+    sequential = cal.info["model_evaluations_per_sample"]
+    curve, low = [], float("inf")
+    for spent, held in e2e["curve"]:
+        low = min(low, held)
+        curve.append((sequential + spent, low))
+    start, final = curve[0][1], curve[-1][1]
+    gain = start - final
+    reach = next((c for c, v in curve if start - v >= 0.8 * gain), float("nan")) if gain > 0 else float("nan")
+    x = st.sample(SAMPLERS[name], sig, calibration=cal, **st.fam)
+    log(f"cost curve {st.name} {n} evals: held-out {start:.4f} -> {final:.4f}, 80% of the gain at "
+        f"{reach / sequential:.1f}x the per-step fit's evaluations; test RMSE {rmse(x, st.reference):.4f}")
+    return {"setting": st.name, "evaluations": n, "sequential": sequential, "budget": budget, "curve": curve,
+            "reach80": reach, "test_rmse": rmse(x, st.reference), "seconds": cal.info["seconds"]}
 
 
-def plot_setting(st_name, rows, path):
+def plot_setting(st_name, rows, kinds, evals, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    best_uncal = [best(rows, kinds, n, "uncalibrated")[0] for n in evals]
+    ax.plot(evals, best_uncal, "k--", marker="o", ms=3, lw=1.5, label="best uncalibrated (any schedule)")
     for label, r in sorted(rows.items()):
-        ns = sorted(r)
-        style = "-" if label.endswith("(calibrated)") else "--"
+        if kinds[label] == "uncalibrated":
+            continue
+        ns = [n for n in evals if n in r]
+        style = "-" if kinds[label] == "calibrated" else ":"
         ax.plot(ns, [r[n]["rmse"] for n in ns], style, marker="o", ms=3, label=label, lw=1)
-    ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("model evaluations")
-    ax.set_ylabel("endpoint RMSE vs reference")
+    ax.set_ylabel("endpoint RMSE vs reference (held-out noises)")
     ax.set_title(st_name)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def image_grid(st, path, evals=(4, 5, 6), pairs=(("dpmpp_2m", "iia_dpmpp_2m"), ("ipndm", "amed_ipndm"))):
-    """Rows: built-in and calibrated at 4-6 evaluations, then the reference; the same 10 noises (one per class)."""
+def plot_curves(curves, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for c in curves:
+        xs = [e / c["sequential"] for e, _ in c["curve"]]
+        ax.plot(xs, [v for _, v in c["curve"]], marker="o", ms=2, label=f"{c['setting']}, {c['evaluations']} evals")
+    ax.axvline(1 + BUDGET_FACTOR, color="grey", ls=":", lw=1)
+    ax.set_xlabel("evaluation equivalents spent / the per-step fit's")
+    ax.set_ylabel("held-out RMSE vs teacher (best so far)")
+    ax.set_title("iia_dpmpp_2m: gain of the end-to-end stage per evaluation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def image_grid(st, path, evals=(4, 5, 6)):
+    """Rows: the best uncalibrated sampler and iia_dpmpp_2m calibrated at 4-6 evaluations, then the reference."""
     from calibrated_samplers.calibration.testbed.tiny import save_grid
-    fam = dict(family=st.bed.family, shift=st.bed.shift)
     K = load_k_diffusion_sampling()
-    per = len(st.labels) // len(st.conditions)
-    pick = torch.arange(len(st.conditions)) * per
+    pick = torch.arange(len(st.conditions)) * st.per
     rows, names = [], []
+    scheds = schedules(st.bed)
     for n in evals:
-        for builtin, cal_name in pairs:
-            if builtin == "ipndm":
-                found = steps_for_evaluations("iia_ipndm", n)
-                sig = st.bed.sigmas(*found)
-                x, _ = st.sample(SAMPLERS["iia_ipndm"], sig, **fam)
-            else:
-                sig = st.bed.sigmas(*steps_for_evaluations(K_SAMPLERS[builtin], n))
-                x, _ = st.sample(getattr(K, f"sample_{builtin}"), sig)
-            rows.append(x[pick])
-            names.append(f"{builtin} {n}")
-            sig = st.bed.sigmas(*steps_for_evaluations(cal_name, n))
-            cal = calibrate(st.bed.model, sig, cal_name, st.noise(sig, 0, st.n_cal), st.conditions, chunk_size=64,
-                            **fam)
-            x, _ = st.sample(SAMPLERS[cal_name], sig, calibration=cal, **fam)
-            rows.append(x[pick])
-            names.append(f"{cal_name} {n} calibrated")
-    rows.append(st.reference(st.bed.sigmas(10))[pick])
+        cands = []
+        for name, twin in K_SAMPLERS.items():
+            found = steps_for_evaluations(twin, n)
+            for sched, make in scheds.items():
+                x = st.sample(getattr(K, f"sample_{name}"), make(*found))
+                cands.append((rmse(x, st.reference), f"{name} ({sched}) {n}", x))
+        e, label, x = min(cands, key=lambda c: c[0])
+        rows.append(x[pick])
+        names.append(label)
+        sig = scheds["karras"](*steps_for_evaluations("iia_dpmpp_2m", n))
+        cal = st.calibrate(sig, "iia_dpmpp_2m")
+        rows.append(st.sample(SAMPLERS["iia_dpmpp_2m"], sig, calibration=cal, **st.fam)[pick])
+        names.append(f"iia_dpmpp_2m calibrated {n}")
+    rows.append(st.reference[pick])
     names.append("reference")
     save_grid(rows, path)
     return names
 
 
-def write_markdown(path, results, cal_rows, heads, command, machine, elapsed, grid_names):
+def write_markdown(path, results, cal_rows, curves, heads, command, machine, elapsed, grid_names, evals):
     lines = ["# Benchmarks", "", f"Generated by `{command}` on {machine}, {datetime.date.today()}, "
              f"in {elapsed / 60:.1f} min. Regenerate with the same command; numbers move within noise only "
              "(fixed seeds; thread scheduling changes float rounding).", "",
-             "Endpoint RMSE against a high-accuracy reference from the same noise, at equal model evaluations "
-             "(a two-evaluation step counts twice). Calibrated samplers were fitted on noises with seed 0 and are "
-             "measured on seeds from 1000. Lower is better; the best per column is in bold.", "", "## Headlines", ""]
+             "Endpoint RMSE against a 100-step Heun reference from the same noise, at equal model evaluations (a "
+             "two-evaluation step counts twice), on 200 test noises that nothing was fitted on. Fitted methods (the "
+             "GITS-style and LD3-style schedules and the pack's calibrations) used the same 256 calibration noises "
+             "and the same teacher. Lower is better; the best per column is in bold. 'Best uncalibrated' is the best "
+             "of 8 samplers on every fixed schedule listed.", "", "## Headlines", ""]
     lines += [f"- {h}" for h in heads]
-    for st_name, (rows, evals) in results.items():
+    lines += ["", "| setting | " + " | ".join(f"{n} evals" for n in evals) + " |", "|---|" + "---|" * len(evals)]
+    for st_name, (rows, kinds) in results.items():
+        cells = []
+        for n in evals:
+            c, _ = best(rows, kinds, n, "calibrated")
+            u, _ = best(rows, kinds, n, "uncalibrated")
+            p, _ = best(rows, kinds, n, "peer")
+            cells.append(f"{c / u:.2f}x / {c / p:.2f}x")
+        lines.append(f"| {st_name} | " + " | ".join(cells) + " |")
+    lines += ["", "Each cell: best calibrated / best uncalibrated, and best calibrated / best peer (GITS-style or "
+              "LD3-style schedule on DPM-Solver++(2M) or iPNDM), endpoint RMSE."]
+    for st_name, (rows, kinds) in results.items():
         lines += ["", f"## {st_name}", "", f"![error vs evaluations]({st_name.replace(' ', '_')}.png)", ""]
         lines.append("| sampler | " + " | ".join(str(n) for n in evals) + " |")
         lines.append("|---|" + "---|" * len(evals))
         bests = {n: min((r[n]["rmse"] for r in rows.values() if n in r), default=None) for n in evals}
-        for label in sorted(rows, key=lambda l: (l.endswith("(calibrated)"), l)):
+        order = {"uncalibrated": 0, "peer": 1, "calibrated": 2}
+        shown = [lab for lab in rows if kinds[lab] != "uncalibrated"]
+        # uncalibrated: each sampler's best schedule per count, and dpmpp_2m on Karras for reference
+        for n in evals:
+            b, lab = best(rows, kinds, n, "uncalibrated")
+            if lab not in shown:
+                shown.append(lab)
+        for lab in ("dpmpp_2m (karras)", "dpmpp_2m (shift 1)"):
+            if lab in rows and lab not in shown:
+                shown.append(lab)
+        for label in sorted(shown, key=lambda l: (order[kinds[l]], l)):
             cells = []
             for n in evals:
                 if n not in rows[label]:
@@ -287,32 +333,38 @@ def write_markdown(path, results, cal_rows, heads, command, machine, elapsed, gr
                 v = rows[label][n]["rmse"]
                 cells.append(f"**{v:.4f}**" if v == bests[n] else f"{v:.4f}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        some = next(iter(rows.values()))
-        if any("fd" in m for m in some.values()):
-            lines += ["", "Frechet distance in the digit classifier's feature space (real digits vs samples; the "
-                      "reference solve's value is the floor at this sample size)" +
-                      ("; class accuracy in parentheses" if any("accuracy" in m for m in some.values()) else ""),
-                      "", "| sampler | " + " | ".join(str(n) for n in evals) + " |", "|---|" + "---|" * len(evals)]
-            for label in sorted(rows, key=lambda l: (l.endswith("(calibrated)"), l)):
-                cells = []
-                for n in evals:
-                    m = rows[label].get(n)
-                    cells.append("" if m is None else f"{m['fd']:.2f}" +
-                                 (f" ({m['accuracy']:.2f})" if "accuracy" in m else ""))
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Calibrations", "", "Wall time, model evaluations per calibration noise, chosen strength, steps "
-              "that fell back, peak resident memory above the start of the calibration (process RSS; batch "
-              "64 noises, chunk 64), and sampling wall time with the calibration as a ratio to the same sampler "
-              "without it (one timing each, same run: noisy at this size; benchmarks/speed.py measures it "
-              "properly).", "",
-              "| setting | sampler | evals | seconds | evaluations per noise | strength | fell back | peak MiB | "
-              "time ratio |",
+        lines += ["", "Best uncalibrated per count: " + "; ".join(
+            f"{n}: {best(rows, kinds, n, 'uncalibrated')[1]} {best(rows, kinds, n, 'uncalibrated')[0]:.4f}"
+            for n in evals) + ".", "",
+            "Frechet distance in the digit classifier's features (class accuracy in parentheses):", "",
+            "| sampler | " + " | ".join(str(n) for n in evals) + " |", "|---|" + "---|" * len(evals)]
+        for label in sorted(shown, key=lambda l: (order[kinds[l]], l)):
+            cells = [("" if n not in rows[label] else f"{rows[label][n]['fd']:.2f} ({rows[label][n]['accuracy']:.2f})")
+                     for n in evals]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Calibration cost", "", "Per calibration (256 noises, chunk 64, one CPU thread): wall time, model "
+              "evaluations per noise of the per-step fit (teacher included) and of the end-to-end stage (a backward "
+              "pass counts as two evaluations, the checkpointed recomputation as one), the held-out RMSE against the "
+              "teacher before and after the end-to-end stage, whether the time steps moved, and the peak resident "
+              "memory above the start (process RSS).", "",
+              "| setting | sampler | evals | seconds | per-step fit | end to end | held-out | learned sigmas | peak MiB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for st_name, rows in cal_rows.items():
         for r in rows:
-            lines.append(f"| {st_name} | {r['sampler']} | {r['evaluations']} | {r['seconds']:.1f} | "
-                         f"{r['evaluations_per_noise']:.0f} | {r['strength']} | {r['fallback_steps']}/{r['steps']} | "
-                         f"{r['peak_mib']:.1f} | {r['time_ratio']:.2f} |")
+            held = r["held_out"]
+            held_txt = "" if held[0] is None else f"{held[0]:.4f} -> {held[1]:.4f}"
+            lines.append(f"| {st_name} | {r['sampler']} | {r['evaluations']} | {r['seconds']:.0f} | "
+                         f"{r['sequential_evaluations']:.0f} | {r['end_to_end_evaluations']:.0f} | {held_txt} | "
+                         f"{'yes' if r['learned_sigmas'] else 'no'} | {r['peak_mib']:.0f} |")
+    if curves:
+        lines += ["", "## Gain per evaluation spent", "", "![cost curve](cost_curve.png)", "",
+                  f"iia_dpmpp_2m given {curves[0]['budget'] / curves[0]['sequential']:.0f}x the per-step fit's "
+                  f"evaluations for its end-to-end stage (the default budget is {BUDGET_FACTOR:g}x, the dotted line); "
+                  "held-out RMSE against the teacher, best so far:", ""]
+        for c in curves:
+            lines.append(f"- {c['setting']}, {c['evaluations']} evaluations: {c['curve'][0][1]:.4f} -> "
+                         f"{c['curve'][-1][1]:.4f}; 80% of that gain after {c['reach80'] / c['sequential']:.1f}x the "
+                         f"per-step fit's evaluations; test RMSE {c['test_rmse']:.4f}; {c['seconds']:.0f} s.")
     if grid_names:
         lines += ["", "## Image grid (digits-eps cfg 5)", "", "![grid](grid.png)", "",
                   "Rows, top to bottom: " + "; ".join(grid_names) + ". Columns: the same noise for classes 0-9."]
@@ -321,14 +373,11 @@ def write_markdown(path, results, cal_rows, heads, command, machine, elapsed, gr
 
 
 def run_one(job):
-    """One setting, in its own process when --jobs > 1 (one thread each: small batches scale better so)."""
-    model_name, cfg, evals, cal_evals, n_test, n_cal, threads, out = job
+    """One setting, in its own process (one thread each: small batches scale better so)."""
+    model_name, cfg, evals, n_test, n_cal, threads, out, curve_factor, calibrated = job
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
-    K = load_k_diffusion_sampling()
-    comfy = load_comfy(os.environ.get("COMFYUI_PATH"))
-    is_digits = model_name.startswith("digits")
-    st = Setting(model_name, cfg, n_test if is_digits else 128, n_cal, 100)
+    st = Setting(model_name, cfg, n_test, n_cal)
     lines = []
 
     def log(s):
@@ -336,57 +385,64 @@ def run_one(job):
         lines.append(s)
 
     t0 = time.perf_counter()
-    rows, crows = run_setting(st, evals, cal_evals, K, comfy, Digits() if is_digits else None, log)
-    plot_setting(st.name, rows, os.path.join(out, f"{st.name.replace(' ', '_')}.png"))
-    grid_names = None
+    rows, kinds, crows = run_setting(st, evals, Digits(), log, calibrated)
+    plot_setting(st.name, rows, kinds, evals, os.path.join(out, f"{st.name.replace(' ', '_')}.png"))
+    grid_names = curve = None
     if model_name == "digits-eps" and cfg == 5.0:
         grid_names = image_grid(st, os.path.join(out, "grid.png"))
+    if curve_factor and model_name in ("digits-eps", "digits-flow") and cfg == 1.0:
+        curve = cost_curve(st, 6, curve_factor, log)
     log(f"{st.name}: {(time.perf_counter() - t0) / 60:.1f} min")
-    return st.name, rows, crows, grid_names
+    return st.name, rows, kinds, crows, grid_names, curve
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer counts and noises, to check the plumbing")
+    p.add_argument("--quick", action="store_true", help="fewer counts, noises and samplers, to check the plumbing")
     p.add_argument("--jobs", type=int, default=2, help="settings run in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--out", default=HERE)
-    p.add_argument("--only", nargs="+", help="settings to run, e.g. 'digits-eps:5' 'analytic-edm:1'")
+    p.add_argument("--only", nargs="+", help="settings to run, e.g. 'digits-eps:5' 'digits-flow:1'")
     args = p.parse_args()
     started = time.perf_counter()
-    evals = [3, 4, 5, 6, 8, 10, 15, 20] if not args.quick else [4, 5, 10]
-    cal_evals = [3, 4, 5, 6, 8, 10] if not args.quick else [5, 10]
-    n_test, n_cal = (60, 64) if not args.quick else (20, 40)
-    # heaviest first, so two workers finish together
-    settings = [("digits-eps", 5.0), ("digits-eps", 1.0), ("digits-flow", 1.0), ("analytic-edm", 1.0)]
-    if args.only:
-        settings = [(s.split(":")[0], float(s.split(":")[1])) for s in args.only]
-    jobs = [(m, c, evals, cal_evals, n_test, n_cal, args.threads, args.out) for m, c in settings]
+    evals = [4, 5, 6, 8, 10] if not args.quick else [5]
+    n_test, n_cal = (200, 256) if not args.quick else (40, 64)
+    calibrated = CALIBRATED if not args.quick else ["iia_dpmpp_2m"]
+    curve_factor = 3.0 if not args.quick else 0
+    settings = SETTINGS if not args.only else [(s.split(":")[0], float(s.split(":")[1])) for s in args.only]
+    jobs = [(m, c, evals, n_test, n_cal, args.threads, args.out, curve_factor, calibrated) for m, c in settings]
     if args.jobs > 1:
         import multiprocessing
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             done = pool.map(run_one, jobs, chunksize=1)
     else:
         done = [run_one(j) for j in jobs]
-    order = {f"{m}" + f" cfg {c:g}": k for k, (m, c) in enumerate(
-        [("digits-eps", 1.0), ("digits-eps", 5.0), ("digits-flow", 1.0), ("analytic-edm", 1.0)])}
-    done.sort(key=lambda d: order.get(d[0], 99))
-    results, cal_rows, heads, grid_names = {}, {}, [], None
-    for name, rows, crows, names in done:
-        results[name] = (rows, evals)
+    results, cal_rows, curves, heads, grid_names = {}, {}, [], [], None
+    for name, rows, kinds, crows, names, curve in done:
+        results[name] = (rows, kinds)
         cal_rows[name] = crows
-        heads += headline(name, rows, cal_evals)
         grid_names = grid_names or names
+        if curve:
+            curves.append(curve)
+        for n in evals:
+            c, lc = best(rows, kinds, n, "calibrated")
+            u, lu = best(rows, kinds, n, "uncalibrated")
+            pe, lp = best(rows, kinds, n, "peer")
+            if n in (5, 6):
+                heads.append(f"{name}, {n} evaluations: best calibrated {lc} {c:.4f} / best uncalibrated {lu} "
+                             f"{u:.4f} = {c / u:.2f}x; best peer {lp} {pe:.4f} ({c / pe:.2f}x)")
+    if curves:
+        plot_curves(curves, os.path.join(args.out, "cost_curve.png"))
     for h in heads:
         print(h)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{args.jobs} processes x {args.threads} thread(s)"
     command = "bash benchmarks/run.sh" + (" --quick" if args.quick else "")
-    write_markdown(os.path.join(args.out, "BENCHMARKS.md"), results, cal_rows, heads, command, machine,
-                   time.perf_counter() - started, grid_names)
+    write_markdown(os.path.join(args.out, "BENCHMARKS.md"), results, cal_rows, curves, heads, command, machine,
+                   time.perf_counter() - started, grid_names, evals)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"results": {k: v[0] for k, v in results.items()}, "calibrations": cal_rows, "headlines": heads},
-                  f, indent=1, default=str)
+        json.dump({"results": {k: v[0] for k, v in results.items()}, "kinds": {k: v[1] for k, v in results.items()},
+                   "calibrations": cal_rows, "curves": curves, "headlines": heads}, f, indent=1, default=str)
     print(f"wrote {os.path.join(args.out, 'BENCHMARKS.md')} in {(time.perf_counter() - started) / 60:.1f} min")
 
 

@@ -35,13 +35,19 @@ class Learnable:
     """The free numbers of one calibration and how they map to the sampler's parameters and schedule."""
 
     def __init__(self, kind, params, sig, learn_params=True, learn_sigmas=True, scales=None, device="cpu"):
+        # everything is made (or copied) outside inference mode: autograd may then save it
+        with torch.inference_mode(False):
+            self._build(kind, params, sig, learn_params, learn_sigmas, scales, device)
+
+    def _build(self, kind, params, sig, learn_params, learn_sigmas, scales, device):
         self.kind, self.device = kind, torch.device(device)
-        self.start = {k: None if v is None else v.detach().to(self.device, torch.float64) for k, v in params.items()}
+        self.start = {k: None if v is None else v.detach().to(self.device, torch.float64).clone()
+                      for k, v in params.items()}
         self.sig = [float(s) for s in sig]
         self.leaves = {}
         if learn_params:
             if kind == "iia":
-                self.scale = scales.to(self.device, torch.float64)  # per step: coefficient change per unit of delta
+                self.scale = scales.to(self.device, torch.float64).clone()  # per step: change per unit of delta
                 self.leaves["coeffs"] = torch.zeros_like(self.start["coeffs"])
                 if self.start.get("a") is None:
                     self.start["a"] = torch.ones(len(self.sig) - 1, dtype=torch.float64, device=self.device)
@@ -141,7 +147,7 @@ class Stage:
         run = self.run
         params, sig = self.learn.materialize()
         step = SAMPLERS[self.method].stepper(params, self.options)
-        x = run.x0[chunk.sl].to(run.device)
+        x = run.x0[chunk.sl].to(run.device).clone()  # a normal tensor even if the batch was made in inference mode
         ev = Denoiser(run.model, x, run.sigmas, run.conditions[chunk.group])
         end = integrate(step, ev, x, sig, run.family, checkpoint=self.checkpoint and grad)
         return end, ev
@@ -205,8 +211,18 @@ class Stage:
         return ((self.budget is not None and self.spent >= self.budget)
                 or (self.time_limit is not None and time.perf_counter() - started >= self.time_limit))
 
-    def optimise(self, optimizer="lbfgs", max_rounds=200):
+    def optimise(self, optimizer="adam", max_rounds=200):
         """Rounds of ``eval_every`` optimiser iterations, each followed by the held-out check; keeps the best.
+
+        Runs with autograd on even where the caller is in ``torch.inference_mode`` (ComfyUI executes nodes so):
+        tensors made there cannot be saved for backward, so the model's own weights must be normal tensors (the
+        UI adapters see to that) and this stage copies its inputs.
+        """
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._optimise(optimizer, max_rounds)
+
+    def _optimise(self, optimizer, max_rounds):
+        """See optimise.
 
         "lbfgs": full-batch L-BFGS with a strong-Wolfe line search (the loss is smooth and the parameters few:
         it converges in far fewer passes than a first-order method); "adam": Adam on ``batch`` fit chunks per

@@ -126,6 +126,28 @@ class CalibrationJob:
         self.result = None
 
 
+def normal_weights(module):
+    """Replace the module's inference tensors by normal copies, in place, and return how many were replaced.
+
+    ComfyUI runs nodes under ``torch.inference_mode``, so a model loaded there holds inference tensors, which
+    autograd refuses to save for a backward pass; the end-to-end calibration differentiates through the model (with
+    respect to the calibration's numbers only), so its weights must be normal tensors. One tensor is copied at a
+    time; the weights keep their values, device and dtype, and never require grad.
+    """
+    replaced = 0
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    replaced += 1
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    replaced += 1
+    return replaced
+
+
 def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, disable=None, job=None):
     """A SAMPLER function that calibrates instead of sampling, so ComfyUI's guider prepares model and prompts.
 
@@ -140,6 +162,8 @@ def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, dis
     guider = model.inner_model
     fp = model_fingerprint(patcher)
     sigma_min = getattr(patcher.get_model_object("model_sampling"), "sigma_min", None)
+    if job.fit_options.get("end_to_end", True):
+        normal_weights(patcher.model)
 
     def denoiser(xs, sigma, prompt=0, **kwargs):
         guider.active_prompt = prompt

@@ -64,8 +64,9 @@ class SD15:
     pass
 
 
-class BaseModel:
+class BaseModel(torch.nn.Module):
     def __init__(self, net):
+        super().__init__()
         self.diffusion_model = net
         self.model_config = SD15()
 

@@ -236,6 +236,38 @@ def test_calibration_run_scales_the_whole_batch_like_comfy_and_walks_every_promp
         assert torch.equal(job.result.sample_sigmas, want.sample_sigmas)
 
 
+class WeightedDenoiser(cs.Denoiser):
+    """A stand-in whose output passes through the network's weight, as a real one's does (autograd saves it)."""
+
+    def __call__(self, x, sigma, **kw):
+        proj = self.inner_model.model_patcher.model.diffusion_model.proj
+        touch = (x.flatten(1)[:, :8].to(proj.dtype) @ proj.T).sum() * 0
+        return super().__call__(x, sigma, **kw) + touch
+
+
+def test_end_to_end_runs_on_a_model_loaded_in_inference_mode(monkeypatch):
+    """ComfyUI loads models and runs nodes under torch.inference_mode: the weights are inference tensors, which
+    autograd cannot save; the Calibrate node's run turns them into normal ones first (and never lets them learn)."""
+    def run():
+        with torch.inference_mode():
+            patcher = cs.Patcher()
+            noise = cs.MIXTURE.noise(16, seed=4, dtype=torch.float32)
+            job = runtime.CalibrationJob("iia_dpmpp_2m", noise, noise[:4].clone(), 1,
+                                         {"fine_steps": 3, "chunk_size": 8, "budget": 60}, {})
+            guider = cs.CFGGuider(patcher)
+            guider.set_cfg(1.0)
+            runtime.sample_calibration_run(WeightedDenoiser(guider), noise[:4] * 14.6, SIGMAS, job=job)
+        return job.result, patcher
+
+    cal, patcher = run()
+    assert cal.info["end_to_end"]["forward_evaluations"] > 0
+    weights = list(patcher.model.diffusion_model.parameters())
+    assert not any(w.is_inference() or w.requires_grad or w.grad is not None for w in weights)
+    monkeypatch.setattr(runtime, "normal_weights", lambda module: 0)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        run()
+
+
 def test_prompt_pairs_and_their_errors():
     pos, neg = [["p0", {}], ["p1", {}]], [["n0", {}], ["n1", {}]]
     assert runtime.prompt_conds(pos, neg, 5.0) == [([pos[0]], [neg[0]]), ([pos[1]], [neg[1]])]
