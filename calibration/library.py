@@ -9,7 +9,7 @@ import os
 from ..samplers import CalibrationMismatch, Family
 from ..samplers._core import check_calibration
 from .file import CalibrationFileError, load
-from .identity import describe_difference
+from .identity import describe_difference, same_model
 
 CFG_TOLERANCE = 1e-3
 
@@ -21,7 +21,7 @@ class ModelMismatch(ValueError):
 def other_model(cal, fingerprint):
     """None if ``cal`` was made for the model with this fingerprint dict, else how the two models differ."""
     made_id = cal.info.get("fingerprint")
-    if made_id == fingerprint["id"]:
+    if same_model(made_id, fingerprint):
         return None
     return describe_difference(cal.info.get("fingerprint_detail", made_id), fingerprint)
 

@@ -10,7 +10,7 @@ import re
 import torch
 
 from ..calibration import calibrate
-from ..calibration.identity import fingerprint, one_dimensional, tensor_digest
+from ..calibration.identity import fingerprint, named_weights, tensor_digest
 from ..calibration.library import cfg_mismatch, check_model, no_match_message
 from ..samplers import SAMPLERS, Family
 
@@ -55,7 +55,7 @@ def model_fingerprint(patcher):
     model_sampling = patcher.get_model_object("model_sampling")
     prefix = "diffusion_model."
     backup = getattr(patcher, "backup", None) or {}  # original weights of keys a patch has replaced in place
-    named = one_dimensional(base.diffusion_model,
+    named = named_weights(base.diffusion_model,
                             lambda k: getattr(backup.get(prefix + k), "weight", None))
     patches = []
     for key, entries in sorted((getattr(patcher, "patches", None) or {}).items()):

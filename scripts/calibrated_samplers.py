@@ -64,7 +64,7 @@ def model_family(sd_model):
 
 def model_fingerprint(sd_model):
     """calibration.identity's fingerprint: the same rule as the ComfyUI nodes, so files move between the UIs."""
-    from calibrated_samplers.calibration.identity import fingerprint, one_dimensional
+    from calibrated_samplers.calibration.identity import fingerprint, named_weights
     forge = getattr(sd_model, "forge_objects", None)
     if forge is not None:
         unet = forge.unet
@@ -74,7 +74,7 @@ def model_fingerprint(sd_model):
     else:
         net = sd_model.model.diffusion_model
         backup, patches = {}, []
-    named = one_dimensional(net, lambda k: backup.get("diffusion_model." + k))
+    named = named_weights(net, lambda k: backup.get("diffusion_model." + k))
     prediction, family = model_family(sd_model)
     return fingerprint(named, prediction, family.name, family.shift, patches, model=type(sd_model).__name__)
 

@@ -67,11 +67,42 @@ def test_fingerprint_reads_the_unpatched_weight_when_a_patch_replaced_it_in_plac
     assert runtime.model_fingerprint(p)["id"] == base
 
 
-def test_fingerprint_hashes_only_one_dimensional_tensors_by_name():
+def test_fingerprint_sees_every_kind_of_weight_but_not_storage_dtype_or_order():
     a = fingerprint([("b", torch.ones(3)), ("w", torch.ones(3, 3))], "eps", "ve")
-    b = fingerprint([("w", torch.zeros(3, 3)), ("b", torch.ones(3, dtype=torch.float16))], "eps", "ve")
-    c = fingerprint([("b", torch.ones(3) * 2)], "eps", "ve")
-    assert a["id"] == b["id"] != c["id"] and a["tensors_hashed"] == 1
+    b = fingerprint([("w", torch.ones(3, 3, dtype=torch.float16)), ("b", torch.ones(3, dtype=torch.float16))], "eps", "ve")
+    c = fingerprint([("b", torch.ones(3) * 2), ("w", torch.ones(3, 3))], "eps", "ve")
+    d = fingerprint([("b", torch.ones(3)), ("w", torch.ones(3, 3) * 2)], "eps", "ve")  # only a conv/linear differs
+    assert a["id"] == b["id"] and len({a["id"], c["id"], d["id"]}) == 3
+    assert a["rule"] == "cs2" and a["tensors_hashed"] == 1 and a["tensors_sampled"] == 1
+    many = [(f"w{k:02d}", torch.full((40, 40), float(k))) for k in range(50)]
+    assert fingerprint(many, "eps", "ve")["tensors_sampled"] == 16
+
+
+def cs1_id(named, prediction, family, shift=1.0):
+    """The first rule, re-implemented from its published description: 1-D tensors only."""
+    import hashlib
+    import json
+    h = hashlib.sha256()
+    for name, t in sorted((kv for kv in named if kv[1].ndim == 1), key=lambda kv: kv[0])[:32]:
+        h.update(name.encode())
+        h.update(t[:4096].to(torch.float16).numpy().tobytes())
+    ident = {"rule": "cs1", "weights": h.hexdigest()[:16], "prediction": prediction, "family": family,
+             "shift": round(shift, 6), "patches": "none"}
+    return "cs1-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_files_made_with_the_first_fingerprint_rule_still_match(tmp_path):
+    p = cs.Patcher()
+    fp = runtime.model_fingerprint(p)
+    named = list(p.model.diffusion_model.state_dict().items())
+    assert fp["cs1_id"] == cs1_id(named, "eps", "ve")
+    old = Calibration("iia_dpmpp_2m", SIGMAS, {"coeffs": torch.zeros(6, 4)}, info={"fingerprint": fp["cs1_id"]})
+    old.save(tmp_path / "old.safetensors")
+    cal, _, _ = Library(lambda: [str(tmp_path / "old.safetensors")]).find("iia_dpmpp_2m", SIGMAS, "ve", fp)
+    assert cal is not None
+    other = runtime.model_fingerprint(cs.Patcher(seed=5))
+    with pytest.raises(ModelMismatch, match="another model"):
+        check_model(old, other)
 
 
 def test_family_of_comfy_model_sampling_classes():
@@ -109,25 +140,36 @@ def test_library_picks_the_newest_match_and_says_why_others_missed(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- picture
-def test_residual_image_draws_a_bar_pair_per_step_and_marks_fallbacks():
+def test_residual_image_is_a_labelled_chart_of_steps_and_endpoint_errors():
+    from calibrated_samplers.calibration import picture
+    endpoint = [{"strength": 1.0, "rmse": 0.08}, {"strength": 0.0, "rmse": 0.2}, {"stage": "end_to_end", "rmse": 0.05}]
     cal = Calibration("iia_ddim", SIGMAS, {"coeffs": torch.zeros(6, 2)},
                       residual_before=torch.tensor([1.0, 0.5, 0.2, 0.1, 0.05, 0.01]),
                       residual_after=torch.tensor([0.5, 0.4, 0.1, 0.1, 0.04, 0.01]),
-                      fallback=torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0]))
-    img = residual_image(cal, 600, 200)
-    assert img.shape == (200, 600, 3) and img.min() >= 0 and img.max() <= 1
-    green = (img - torch.tensor(cs_colour("GREEN"))).abs().sum(-1) < 1e-6
-    red = (img - torch.tensor(cs_colour("RED"))).abs().sum(-1) < 1e-6
-    assert red.any() and green.any()
-    red_columns = red.any(0).nonzero().flatten()
-    assert 300 <= red_columns.min() and red_columns.max() < 400  # the fourth of six slots
-    heights = green.sum(0)
-    assert heights[50:100].max() > heights[500:550].max()  # first step's after bar taller than the last's
+                      fallback=torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0]),
+                      info={"cfg": 5.0, "schedule": "karras, 6 steps", "endpoint_rmse_held_out": endpoint})
+    assert picture.endpoint_errors(cal) == (0.2, 0.08, 0.05)
+    assert picture.title_of(cal) == "iia_ddim, 6 steps, karras, cfg 5"
+    img = residual_image(cal)
+    assert img.shape == (360, 768, 3) and img.min() >= 0 and img.max() <= 1
+    pixels = (img * 255).round()
 
+    def where(colour):
+        return (pixels - torch.tensor(colour, dtype=torch.float32)).abs().sum(-1) < 1
 
-def cs_colour(name):
-    from calibrated_samplers.calibration import picture
-    return getattr(picture, name)
+    split = int(768 * 0.62)
+    green, red, grey, blue = (where(getattr(picture, c)) for c in ("GREEN", "RED", "GREY", "BLUE"))
+    assert green[:, :split].any() and grey[:, :split].any() and not blue[:, :split].any()
+    slot = (split - 20 - 58) / 6  # the step chart's axis runs from x = 58 to split - 20, six slots
+    red_columns = red[:360 - 64, :split].any(0).nonzero().flatten()  # above the axis (the legend is below it)
+    assert 58 + 3 * slot <= red_columns.min() and red_columns.max() < 58 + 4 * slot  # the fourth step fell back
+    heights = green[:360 - 64, :split].sum(0)
+    assert heights[:int(58 + slot)].max() > heights[int(58 + 5 * slot):split].max()  # step 1's bar is the taller
+    assert blue[:, split:].sum(0).max() < grey[:, split:].sum(0).max()  # end to end below the base solver
+    ink = where(picture.INK)
+    assert ink[:30].any() and ink[-40:, split:].any()  # the title, and the gain written under the endpoint chart
+    bare = residual_image(Calibration("iia_ddim", SIGMAS, {"coeffs": torch.zeros(6, 2)}))
+    assert bare.shape == (360, 768, 3)  # an old or schedule-only file still gets a picture
 
 
 # ---------------------------------------------------------------------------------------------- sampler functions
@@ -358,7 +400,7 @@ def test_calibrate_node_writes_a_file_the_sampler_nodes_use(comfy, tmp_path):
     saved = load(path)
     assert torch.equal(saved.params["coeffs"], cal.params["coeffs"]) and saved.info["prompts"] == 2
     assert saved.info["cfg"] == 2.0 and saved.info["schedule"] == "karras, 5 steps"
-    assert image.shape == (1, 320, 768, 3) and torch.equal(sigmas, cal.sampling_sigmas.float())
+    assert image.shape == (1, 360, 768, 3) and torch.equal(sigmas, cal.sampling_sigmas.float())
     assert comfy.bars and comfy.bars[0].values[-1][0] == comfy.bars[0].values[-1][1]  # the bar reached its end
     with pytest.raises(FileExistsError):
         classes["CalibratedSamplersCalibrate"]().run(
