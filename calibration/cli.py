@@ -28,14 +28,20 @@ def _schedule(bed, sampler, steps, evaluations):
 
 def cmd_calibrate(args):
     from .engine import calibrate
+    from .requests import RequestError, check_request
     from .testbed import testbed
     try:
         bed = testbed(args.model)
     except ValueError as e:
         raise SystemExit(str(e))
+    conditions = bed.conditions(args.cfg) if args.cfg is not None else [{}]
+    try:
+        check_request(steps=args.steps if args.evaluations is None else None, cfg=args.cfg, batch_size=args.batch,
+                      prompts=len(conditions), holdout=args.holdout)
+    except RequestError as e:
+        raise SystemExit(str(e))
     sig = _schedule(bed, args.sampler, args.steps, args.evaluations)
     noise = bed.noise(args.batch, args.seed, sig)
-    conditions = bed.conditions(args.cfg) if args.cfg is not None else [{}]
     width = 40
 
     def progress(done, total):

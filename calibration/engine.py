@@ -32,6 +32,7 @@ from ..samplers._core import Denoiser, HISTORY_KEPT, prepare, remember, sigma_li
 from ..samplers.iia import VARIANT_BY_NAME
 from . import end_to_end as E
 from .file import Calibration
+from .requests import check_request
 
 TARGETS = ("trajectory", "local")
 RIDGES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -553,6 +554,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     conditions = [c if c is not None else {} for c in conditions]
     if not conditions:
         raise ValueError("extra_args is an empty list: give at least one condition (or None)")
+    check_request(batch_size=int(noise.shape[0]), prompts=len(conditions), holdout=holdout)
     fam = Family.of(family, shift)
     user_options = dict(options)
     if sampler == "amed_ipndm" and "variable_step" not in options:

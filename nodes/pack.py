@@ -10,8 +10,9 @@ from ..calibration.picture import residual_image
 from ..samplers import SAMPLERS, Family
 from ..samplers._core import check_calibration
 from .declare import In, Node, build, v3_api
-from .runtime import (FOLDER, CalibrationJob, dropdown_sampler, latent_shape, make_guider, output_path,
-                      prompt_conds, sample_calibrated, sample_calibration_run)
+from ..calibration.requests import check_request, output_path
+from .runtime import (FOLDER, CalibrationJob, dropdown_sampler, latent_shape, make_guider, prompt_conds,
+                      sample_calibrated, sample_calibration_run)
 
 log = logging.getLogger("calibrated_samplers")
 CATEGORY = "sampling/custom_sampling/calibrated"
@@ -73,13 +74,16 @@ def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, b
     import comfy.samplers
     import comfy.utils
     import folder_paths
+    pairs = prompt_conds(positive, negative, cfg)
+    check_request(steps=None if sigmas is not None else steps, cfg=cfg, width=None if latent is not None else width,
+                  height=None if latent is not None else height, batch_size=batch_size, prompts=len(pairs),
+                  filename=filename)
     path = output_path(folder_paths.get_folder_paths(FOLDER)[0], filename, overwrite)
     if sigmas is None:
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
         schedule = f"{scheduler}, {steps} steps"
     else:
         schedule = "SIGMAS input"
-    pairs = prompt_conds(positive, negative, cfg)
     shape = latent_shape(model, width, height, latent)
     noise = torch.randn((batch_size,) + shape, generator=torch.Generator().manual_seed(seed))
     first = noise[:min(chunk_size, batch_size)].clone()
@@ -155,8 +159,8 @@ NODES = [
           In("steps", "INT", 8, min=1, max=200, tooltip="sampler steps (AMED and Heun-type methods take 2 "
              "evaluations per step)"),
           In("fine_steps", "INT", 10, min=1, max=100, tooltip="reference sub-steps per step (more: slower, closer fit)"),
-          In("batch_size", "INT", 32, min=2, max=4096, tooltip="noises to calibrate on; a quarter is held out "
-             "to check each step's correction"),
+          In("batch_size", "INT", 32, min=3, max=4096, tooltip="noises to calibrate on, split over the prompts; a "
+             "quarter is held out to check the result (at least 3 per prompt; 32 or more per prompt is better)"),
           In("seed", "INT", 0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
           In("filename", "STRING", "my_model_calibration", tooltip="saved as models/calibrated_samplers/<name>.safetensors"),
           In("width", "INT", 512, min=16, max=16384, step=8),

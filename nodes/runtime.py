@@ -5,7 +5,6 @@ construct ComfyUI classes, so the logic is testable with stand-ins.
 """
 import logging
 import os
-import re
 
 import torch
 
@@ -234,20 +233,3 @@ def latent_shape(model, width, height, latent=None):
                          "empty-latent node to give the shape")
     ratio = getattr(fmt, "spacial_downscale_ratio", 8)
     return (int(fmt.latent_channels), max(1, height // ratio), max(1, width // ratio))
-
-
-SAFE_NAME = re.compile(r"^[\w][\w.\- ]*$")
-
-
-def output_path(folder, filename, overwrite):
-    """Where the Calibrate node writes; refuses path tricks and, unless ``overwrite``, existing files."""
-    name = filename.strip()
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not SAFE_NAME.match(name) or ".." in name:
-        raise ValueError(f"file name {filename!r} is not usable: use letters, digits, spaces, '.', '-' or '_' "
-                         "(no folders)")
-    path = os.path.join(folder, name + ".safetensors")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists: choose another file name, or turn on overwrite")
-    return path

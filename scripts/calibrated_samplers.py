@@ -232,16 +232,17 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     """Calibrate the loaded checkpoint (under the web UI's queue lock); returns (Calibration, path)."""
     import torch
     from modules import call_queue, processing, shared
-    from calibrated_samplers.nodes.runtime import output_path
+    from calibrated_samplers.calibration.requests import check_request, output_path
     if method not in LABELS or method == "gddim":
         raise ValueError(f"method must be one of {[m for m in LABELS if m != 'gddim']}, got {method!r}")
     prompts = [q for q in (prompts if isinstance(prompts, (list, tuple)) else [prompts]) if q and q.strip()]
     if not prompts:
         raise ValueError("give at least one prompt to calibrate on")
-    if batch_size < 2 * len(prompts):
-        raise ValueError(f"batch_size {batch_size} is too small for {len(prompts)} prompts: use at least two noises per prompt")
+    filename = filename or f"{method}_{steps}_{scheduler}_cfg{cfg:g}"
+    check_request(steps=steps, cfg=cfg, width=width, height=height, batch_size=batch_size, prompts=len(prompts),
+                  filename=filename)
     folder = env.folder()
-    path = output_path(folder, filename or f"{method}_{steps}_{scheduler}_cfg{cfg:g}", overwrite)
+    path = output_path(folder, filename, overwrite)
     g = torch.Generator().manual_seed(int(seed))
 
     def progress(done, total):

@@ -322,14 +322,15 @@ def test_prompt_pairs_and_their_errors():
 
 
 def test_output_path_and_latent_shape(tmp_path):
-    assert runtime.output_path(str(tmp_path), "sd15 v2.safetensors", False) == str(tmp_path / "sd15 v2.safetensors")
-    for bad in ("../evil", "a/b", "", "..", "/abs"):
-        with pytest.raises(ValueError, match="not usable"):
-            runtime.output_path(str(tmp_path), bad, False)
+    from calibrated_samplers.calibration.requests import output_path
+    assert output_path(str(tmp_path), "sd15 v2.safetensors", False) == str(tmp_path / "sd15 v2.safetensors")
+    for bad in ("../evil", "a/b", "", "..", "/abs", "two\nlines", "tab\there", "x" * 201):
+        with pytest.raises(ValueError, match="not usable|at most 200"):
+            output_path(str(tmp_path), bad, False)
     (tmp_path / "taken.safetensors").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="turn on overwrite"):
-        runtime.output_path(str(tmp_path), "taken", False)
-    assert runtime.output_path(str(tmp_path), "taken", True).endswith("taken.safetensors")
+        output_path(str(tmp_path), "taken", False)
+    assert output_path(str(tmp_path), "taken", True).endswith("taken.safetensors")
     p = cs.Patcher()
     assert runtime.latent_shape(p, 512, 768) == (4, 96, 64)
     assert runtime.latent_shape(p, 1, 1, {"samples": torch.zeros(1, 16, 5, 8, 8)}) == (16, 5, 8, 8)
