@@ -21,6 +21,7 @@ requiring gradients (the model's weights never do).
 """
 import math
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -129,7 +130,7 @@ def iia_scales(step_rms, gram, floor=1e-3):
 class Stage:
     """One end-to-end run on a calibration ``_Run`` (engine.py): fit chunks learn, held-out chunks judge."""
 
-    def __init__(self, run, method, options, learn, teacher_end, lr=0.003, eval_every=5, patience=8, batch=None,
+    def __init__(self, run, method, options, learn, teacher_end, lr=0.01, eval_every=5, patience=8, batch=None,
                  budget=None, time_limit=None, checkpoint=True, progress=None, margin=1.0, loss="rmse"):
         self.run, self.method, self.options, self.learn = run, method, dict(options), learn
         self.teacher_end = teacher_end
@@ -163,7 +164,7 @@ class Stage:
         with torch.no_grad():
             for ch in self.held:
                 end, ev = self._endpoint(ch, grad=False)
-                self.forward += ev.calls * ch.n
+                self._count(ev, ch)
                 out.append(self._errors(ch, end).cpu())
                 self.run.check_cancel()
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -190,17 +191,41 @@ class Stage:
                     if g is not None:
                         leaf.grad = g if leaf.grad is None else leaf.grad + g
                 # with checkpointing the backward pass re-ran every step's evaluations (counted by ev.calls)
-                self.forward += ev.calls * ch.n
+                self._count(ev, ch)
                 self.backward += calls * ch.n
                 squared += float(errors.detach().sum())
                 elements += ch.n
                 self.run.check_cancel()
         return math.sqrt(squared / max(elements, 1))
 
+    def _count(self, ev, chunk):
+        """Every model call of this stage, in its own counts and in the run's totals."""
+        self.forward += ev.calls * chunk.n
+        self.run.model_calls += ev.calls
+        self.run.sample_evaluations += ev.calls * chunk.n
+
     @property
     def spent(self):
         """Model-evaluation equivalents per calibration noise: a backward pass counts as two forward ones."""
         return (self.forward + 2 * self.backward) / self.run.x0.shape[0]
+
+    def _minibatch(self, gen, queue):
+        """The next ``batch`` fit noises of passes over them in random order, as chunks of at most the run's chunk
+        size that never straddle a condition. The draw is over noises, not chunks, so the chunk size changes how
+        the work is cut, never which noises a step sees."""
+        while len(queue) < self.batch:
+            order = torch.cat([torch.arange(ch.sl.start, ch.sl.stop) for ch in self.fit])
+            queue += order[torch.randperm(len(order), generator=gen)].tolist()
+        picked = sorted(queue[:self.batch])
+        del queue[:self.batch]
+        group_of = {i: ch.group for ch in self.fit for i in range(ch.sl.start, ch.sl.stop)}
+        chunks = []
+        for group in sorted({group_of[i] for i in picked}):
+            mine = [i for i in picked if group_of[i] == group]
+            for a in range(0, len(mine), self.run.chunk_size):
+                idx = torch.tensor(mine[a:a + self.run.chunk_size])
+                chunks.append(SimpleNamespace(sl=idx, n=len(idx), group=group, held_out=False))
+        return chunks
 
     # ------------------------------------------------------------------ the loop
     def _finite(self, grads=False):
@@ -243,8 +268,7 @@ class Stage:
                                     line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
         else:
             opt = torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.99))
-        gen = torch.Generator().manual_seed(0)
-        order = []
+        gen, queue = torch.Generator().manual_seed(0), []
 
         def closure():
             opt.zero_grad(set_to_none=False)
@@ -256,15 +280,7 @@ class Stage:
             return torch.tensor(self.last_loss)
 
         def adam_step():
-            nonlocal order
-            if self.batch is None or self.batch >= self.n_fit:
-                chunks = self.fit
-            else:  # passes over the fit chunks in random order, chunks adding up to ``batch`` noises per iteration
-                chunks = []
-                while sum(ch.n for ch in chunks) < self.batch:
-                    if not order:
-                        order = torch.randperm(len(self.fit), generator=gen).tolist()
-                    chunks.append(self.fit[order.pop()])
+            chunks = self.fit if self.batch is None or self.batch >= self.n_fit else self._minibatch(gen, queue)
             opt.zero_grad(set_to_none=True)
             self.last_loss = self.gradient(chunks) ** 2
             if not self._finite(grads=True):

@@ -127,6 +127,7 @@ class _Run:
         self.x = x.to(self.storage)
         self.x0 = self.x.clone()
         self.conditions = conditions
+        self.chunk_size = int(chunk_size)
         self.chunks = _chunks(x.shape[0], len(conditions), holdout, chunk_size)
         self.progress, self.cancel = progress, cancel
         self.done, self.total = 0, 0
@@ -499,7 +500,7 @@ def _best_variant(model, sigmas, sampler, noise, extra_args, progress, settings,
 def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,
               sigma_min=None, end_to_end=True, learn_params=True, learn_sigmas=True, budget=None, time_limit=None,
-              optimizer="adam", learning_rate=0.003, fit_batch=64, storage_device=None, progress=None, cancel=None,
+              optimizer="adam", learning_rate=0.01, fit_batch=32, storage_device=None, progress=None, cancel=None,
               info=None, **options):
     """Fit ``sampler``'s per-step parameters to ``model`` on the schedule ``sigmas``; returns a ``Calibration``.
 
@@ -627,9 +628,8 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         learn = E.Learnable(fn.kind, params, run.sig, learn_params=learn_params, learn_sigmas=learn_sigmas,
                             scales=scales.get("coeffs"), device=run.device)
         start = run.done
-        import os
         stage = E.Stage(run, sampler, options, learn, teacher.endpoint(), lr=learning_rate, batch=fit_batch,
-                        budget=limit, time_limit=time_limit, loss=os.environ.get("CS_LOSS", "rmse"),
+                        budget=limit, time_limit=time_limit,
                         progress=lambda spent: run.tick_to(start + min(E2E_UNITS, int(E2E_UNITS * spent / limit))))
         fit_info["end_to_end"] = stage.optimise(optimizer)
         fit_info["end_to_end"].update(budget=round(limit, 2), learn_sigmas=learn.learn_sigmas,

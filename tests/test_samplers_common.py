@@ -28,11 +28,15 @@ def neutral_params(name, n_steps):
 
 
 def perturbed_params(name, n_steps, seed=0):
-    """Small non-neutral parameters, zero wherever a basis vector cannot exist (first and last steps)."""
+    """Small non-neutral parameters, zero wherever a basis vector cannot exist: the first and last steps, and at
+    step i the records of steps before i - 1 (step i - 1's record is the oldest sure to have its predecessor)."""
     g = torch.Generator().manual_seed(seed)
     p = neutral_params(name, n_steps)
     if "coeffs" in p:
+        from calibrated_samplers.samplers.iia import VARIANT_BY_NAME
         c = 0.02 * torch.randn(p["coeffs"].shape, generator=g, dtype=torch.float64)
+        for i in range(n_steps):
+            c[i, VARIANT_BY_NAME[name].columns(max(i - 1, 0)):] = 0
         c[0] = 0
         c[-1] = 0
         return {"coeffs": c}
