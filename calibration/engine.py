@@ -45,6 +45,7 @@ E2E_UNITS = 100  # progress units of the end-to-end stage (its length is known o
 
 class CalibrationCancelled(RuntimeError):
     """The ``cancel`` callback asked the calibration to stop; nothing was written."""
+    __module__ = "calibrated_samplers"  # what UIs print as its type: short and the same wherever the pack lives
 
 
 # --------------------------------------------------------------------------------------------------

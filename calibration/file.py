@@ -29,6 +29,7 @@ REQUIRED_METADATA = ("format", "format_version", "method", "base", "family", "sh
 
 class CalibrationFileError(ValueError):
     """A calibration file that is damaged, from an unknown version, or inconsistent with itself."""
+    __module__ = "calibrated_samplers"  # what UIs print as its type: short and the same wherever the pack lives
 
 
 class Calibration:
@@ -76,8 +77,10 @@ class Calibration:
                 "options": json.dumps(self.options, sort_keys=True), "pack_version": PACK_VERSION,
                 "info": json.dumps(self.info, sort_keys=True)}
 
-    def save(self, path):
-        """Write atomically: a temporary file in the same folder, renamed over ``path`` once complete."""
+    def save(self, path, replace=True):
+        """Write atomically: a temporary file in the same folder, renamed over ``path`` once complete. With
+        ``replace=False`` an existing ``path`` (even one written a moment ago by another calibration) is kept
+        and FileExistsError raised."""
         from safetensors.torch import save_file
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
@@ -86,12 +89,29 @@ class Calibration:
         try:
             save_file(self.tensors(), tmp, metadata=self.metadata())
             os.chmod(tmp, 0o644)  # mkstemp makes it private; calibrations are meant to be shared
-            os.replace(tmp, path)
+            if replace:
+                os.replace(tmp, path)
+            else:
+                _place_new(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
         return path
+
+
+def _place_new(tmp, path):
+    """Move ``tmp`` to ``path`` only if nothing is there, atomically where the file system has hard links."""
+    try:
+        os.link(tmp, path)  # fails if path exists, in one step: no window for another writer
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists: choose another file name, or turn on overwrite") from None
+    except OSError:  # no hard links here (some network or FAT file systems): check, then rename
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} already exists: choose another file name, or turn on overwrite") from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
 
 
 def _fail(path, message):

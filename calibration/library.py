@@ -16,6 +16,7 @@ CFG_TOLERANCE = 1e-3
 
 class ModelMismatch(ValueError):
     """A calibration made for another model (checkpoint, prediction type, shift or LoRAs) than the one sampling."""
+    __module__ = "calibrated_samplers"  # what UIs print as its type: short and the same wherever the pack lives
 
 
 def other_model(cal, fingerprint):
@@ -47,15 +48,22 @@ def cfg_mismatch(cal, cfg):
     return None
 
 
-def no_match_message(label, base, sigmas, cfg, notes, how):
-    """The console warning of a UI that found no file for a run: what ran instead, what to calibrate, and why
-    each saved file of this method was passed over. ``how`` names the UI's way to calibrate."""
+SHOWN_NOTES = 8
+
+
+def no_match_message(label, uncalibrated, sigmas, cfg, notes, how):
+    """The console warning of a UI that found no file for a run: what ran instead (``uncalibrated``, the sampler's
+    words for it), what to calibrate, and why each saved file of this method was passed over (``find``'s notes,
+    files made for this model first; past ``SHOWN_NOTES`` a count of the rest). ``how`` names the UI's way."""
     sig = [float(s) for s in sigmas]
     cfg_text = "any cfg" if cfg is None else f"cfg {float(cfg):g}"
     lines = [f"[Calibrated Samplers] {label}: no calibration file matches this model, {len(sig) - 1} steps "
-             f"(sigmas {sig[0]:.4g} ... {sig[-1]:.4g}) and {cfg_text}; running the UNCALIBRATED {base} solver. "
+             f"(sigmas {sig[0]:.4g} ... {sig[-1]:.4g}) and {cfg_text}; running UNCALIBRATED: {uncalibrated}. "
              f"To calibrate: {how}, with the same scheduler and steps and {cfg_text}."]
-    return "\n".join(lines + [f"    passed over {n}" for n in notes[:8]])
+    lines += [f"    passed over {n}" for n in notes[:SHOWN_NOTES]]
+    if len(notes) > SHOWN_NOTES:
+        lines.append(f"    ... and {len(notes) - SHOWN_NOTES} more files passed over")
+    return "\n".join(lines)
 
 
 class Library:
@@ -64,6 +72,7 @@ class Library:
     def __init__(self, list_paths):
         self._list_paths = list_paths
         self._cache = {}
+        self._reported = set()
 
     def entries(self):
         """[(path, Calibration or CalibrationFileError)] for every listed file."""
@@ -94,26 +103,38 @@ class Library:
         """
         fam = Family.of(family)
         sig = [float(s) for s in sigmas]
-        matches, notes = [], []
+        matches, notes = [], []  # notes: (rank, text); files for this model first, then damaged, then other models
         for path, mtime, cal in self._scan():
             name = os.path.basename(path)
             if isinstance(cal, Exception):
-                notes.append(f"{name}: unreadable ({cal})")
+                notes.append((1, f"{name}: unreadable ({cal})"))
                 continue
             if cal.method != method:
                 continue
+            diff = other_model(cal, fingerprint)
+            rank = 2 if diff else 0
             try:
                 check_calibration(cal, method, sig, fam)
             except CalibrationMismatch as e:
-                notes.append(f"{name}: {e}")
+                notes.append((rank, f"{name}: {e}"))
                 continue
-            diff = other_model(cal, fingerprint)
             why = f"was made for another model ({diff})" if diff else cfg_mismatch(cal, cfg)
             if why:
-                notes.append(f"{name}: {why}")
+                notes.append((rank, f"{name}: {why}"))
                 continue
             matches.append((mtime, path, cal))
+        notes = [text for _, text in sorted(notes, key=lambda n: n[0])]
         if not matches:
             return None, None, notes
         _, path, cal = max(matches, key=lambda m: (m[0], m[1]))
         return cal, path, notes
+
+    def unreported_damage(self):
+        """Files that could not be read and were not named by an earlier call: (name, error) each, once per
+        file version, so a lookup that found another file still says once that one was skipped."""
+        out = []
+        for path, mtime, cal in self._scan():
+            if isinstance(cal, Exception) and (path, mtime, str(cal)) not in self._reported:
+                self._reported.add((path, mtime, str(cal)))
+                out.append((os.path.basename(path), cal))
+        return out

@@ -11,6 +11,7 @@ NAME = re.compile(r"[\w][\w.\- ]*")
 
 class RequestError(ValueError):
     """A calibration request that cannot work; the message names the input and what to do instead."""
+    __module__ = "calibrated_samplers"  # what UIs print as its type: short and the same wherever the pack lives
 
 
 def min_batch(prompts, holdout=0.25):

@@ -146,7 +146,7 @@ ALLOW = In("allow_other_model", "BOOLEAN", False, tooltip="use the calibration e
 CHECK_SIGMAS = In("sigmas", "SIGMAS", optional=True, tooltip="sigmas from elsewhere, checked against the calibration's")
 
 NODES = [
-    Node("CalibratedSamplersCalibrate", "Calibrate sampler", CATEGORY,
+    Node("CalibratedSamplersCalibrate", "Fit calibration (run once, saves a file)", CATEGORY,
          "Fit a calibrated sampler to this model, schedule and cfg, and save it to models/calibrated_samplers. "
          "Runs the model many times (batch size x the fine reference's steps); progress shows, Cancel writes nothing.",
          [In("model", "MODEL"),
@@ -180,11 +180,11 @@ NODES = [
              tooltip="stop the end-to-end stage after this many minutes (0: its default budget only)")],
          [("CALIBRATION", "calibration"), ("SIGMAS", "sigmas"), ("IMAGE", "residuals")],
          calibrate_node, output_node=True),
-    Node("CalibratedSamplersSampler", "Calibrated sampler", CATEGORY,
+    Node("CalibratedSamplersSampler", "Sampler from calibration", CATEGORY,
          "SAMPLER and SIGMAS for SamplerCustom(Advanced) from a CALIBRATION.",
          [In("calibration", "CALIBRATION"), ALLOW, CHECK_SIGMAS],
          [("SAMPLER", "sampler"), ("SIGMAS", "sigmas")], sampler_node),
-    Node("CalibratedSamplersSamplerFromFile", "Calibrated sampler (file)", CATEGORY,
+    Node("CalibratedSamplersSamplerFromFile", "Sampler from calibration file", CATEGORY,
          "SAMPLER and SIGMAS for SamplerCustom(Advanced) from a file in models/calibrated_samplers.",
          [In("calibration_file", "COMBO", options=calibration_files), ALLOW, CHECK_SIGMAS],
          [("SAMPLER", "sampler"), ("SIGMAS", "sigmas"), ("CALIBRATION", "calibration")], sampler_from_file_node),

@@ -15,7 +15,7 @@ from ..samplers import SAMPLERS, Family
 
 log = logging.getLogger("calibrated_samplers")
 FOLDER = "calibrated_samplers"
-HOW_TO_CALIBRATE = f"run the 'Calibrate sampler' node on this model with method {{name}} (files go to models/{FOLDER})"
+HOW_TO_CALIBRATE = f"run the 'Fit calibration' node on this model with method {{name}} (files go to models/{FOLDER})"
 # ComfyUI's model_sampling mixins, most specific first (EDM subclasses V_PREDICTION subclasses EPS)
 PREDICTIONS = (("CONST", "flow"), ("EDM", "edm"), ("V_PREDICTION", "v"), ("X0", "x0"), ("EPS", "eps"))
 
@@ -89,10 +89,15 @@ def dropdown_sampler(name, library):
         calibration = None
         if fn.kind != "plain":
             calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(patcher), cfg)
+            damaged = library.unreported_damage()  # named in the warning below, or once on their own
             if calibration is None:
-                log.warning(no_match_message(name, fn.base, sigmas, cfg, notes, HOW_TO_CALIBRATE.format(name=name)))
+                log.warning(no_match_message(name, fn.uncalibrated, sigmas, cfg, notes,
+                                             HOW_TO_CALIBRATE.format(name=name)))
             else:
                 log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
+                for file, error in damaged:
+                    log.warning("[Calibrated Samplers] skipped the damaged file %s (%s); remove or replace it", file,
+                                error)
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                   calibration=calibration, family=family.name, shift=family.shift, **options)
 

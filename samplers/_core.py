@@ -217,6 +217,7 @@ def adams_bashforth(sig_hist, sig_next, variable_step):
 
 class CalibrationMismatch(ValueError):
     """A calibration was made for another method, schedule or model family than the one sampling."""
+    __module__ = "calibrated_samplers"  # what UIs print as its type: short and the same wherever the pack lives
 
 
 SIGMA_RTOL = 1e-4

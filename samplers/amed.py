@@ -100,4 +100,6 @@ for _name, (_base, _doc) in PLUGINS.items():
     _sample = calibrated_sampler(_name, partial(stepper, "amed" if _name == "amed" else _base), ["r", "c", "a"])
     _sample.__doc__ = _doc
     register(_name, _sample, base=_base, nfe_per_step=2,
-             evaluations=amed_evaluations, kind="amed", params=("r", "c", "a"))
+             evaluations=amed_evaluations, kind="amed", params=("r", "c", "a"),
+             uncalibrated=("DPM-Solver-2" if _base == "dpm_2" else
+                           f"{_base} on the schedule with each step's geometric-mean sigma added (2 evaluations a step)"))

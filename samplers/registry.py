@@ -3,17 +3,19 @@
 SAMPLERS = {}
 
 
-def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=(), optional_params=()):
+def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=(), optional_params=(), uncalibrated=None):
     """Attach the registry facts to ``fn`` and list it.
 
     ``base``: the solver it reduces to uncalibrated; ``nfe_per_step``: model evaluations of a full step;
     ``evaluations(sigmas, **options)``: exact evaluations for a schedule (first/last steps may cost less);
     ``kind``: "iia", "amed" or "plain" (nothing to calibrate); ``params``: per-step parameter names;
     ``optional_params``: per-step parameters a calibration may leave out (then at their neutral value).
+    ``uncalibrated``: what it runs without a calibration, in words (default: "the {base} solver").
     """
     fn.__name__ = fn.__qualname__ = f"sample_{name}"
     fn.sampler_name = name
     fn.base = base
+    fn.uncalibrated = uncalibrated or f"the {base} solver"
     fn.nfe_per_step = nfe_per_step
     fn.evaluations = evaluations
     fn.kind = kind

@@ -29,6 +29,7 @@ LABELS = {
 }
 FOLDER = "calibrated_samplers"
 INFOTEXT_KEY = "Calibration"
+HIRES_INFOTEXT_KEY = "Hires calibration"
 
 
 def load_pack():
@@ -120,15 +121,20 @@ def make_sampler(name, library, env):
         if fn.kind != "plain":
             cfg = extra_args.get("cond_scale")
             calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg)
+            damaged = library.unreported_damage()
+            if calibration is not None:
+                for file, error in damaged:
+                    log.warning("[Calibrated Samplers] skipped the damaged file %s (%s); remove or replace it", file,
+                                error)
             if calibration is None:
                 log.warning(no_match_message(
-                    LABELS[name], fn.base, sigmas, cfg, notes,
+                    LABELS[name], fn.uncalibrated, sigmas, cfg, notes,
                     f"use the 'Calibrated Samplers' tab or POST /calibrated-samplers/calibrate (files go to models/{FOLDER})"))
-                note = f"none: uncalibrated {fn.base}"
+                note = f"none: uncalibrated, {fn.uncalibrated}"
             else:
                 note = f"{os.path.basename(path)} ({file_hash(path)})"
-            if p is not None:
-                p.extra_generation_params[INFOTEXT_KEY] = note
+            if p is not None:  # hires fix's second pass gets a line of its own, after the first pass's
+                p.extra_generation_params[HIRES_INFOTEXT_KEY if getattr(p, "is_hr_pass", False) else INFOTEXT_KEY] = note
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                   calibration=calibration, family=family.name, shift=family.shift, **options)
 
@@ -188,6 +194,12 @@ class WebUI:
         prompts = prompt_parser.SdConditioning([prompt] * batch, width=p.width, height=p.height)
         return prompt_parser.get_multicond_learned_conditioning(shared.sd_model, prompts, p.steps)
 
+    def schedulers(self):
+        """The scheduler names and labels the web UI knows (its 'Schedule type' list)."""
+        from modules import sd_schedulers
+        return [s.label for s in sd_schedulers.schedulers] + [s.name for s in sd_schedulers.schedulers
+                                                                if s.name != s.label]
+
     def folder(self):
         from modules import paths
         return os.path.join(paths.models_path, FOLDER)
@@ -241,6 +253,9 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     filename = filename or f"{method}_{steps}_{scheduler}_cfg{cfg:g}"
     check_request(steps=steps, cfg=cfg, width=width, height=height, batch_size=batch_size, prompts=len(prompts),
                   filename=filename)
+    known = env.schedulers()
+    if scheduler not in known:  # the web UI would quietly run its Automatic instead, under this file's label
+        raise ValueError(f"unknown scheduler {scheduler!r}: use one of {', '.join(known)}")
     folder = env.folder()
     path = output_path(folder, filename, overwrite)
     g = torch.Generator().manual_seed(int(seed))
@@ -249,6 +264,8 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         shared.state.sampling_step, shared.state.sampling_steps = done, total
 
     with call_queue.queue_lock:
+        # again under the lock: a calibration to the same name may have finished while this one waited
+        path = output_path(folder, filename, overwrite)
         if shared.sd_model is None:
             raise ValueError("no checkpoint is loaded")
         p = processing.StableDiffusionProcessingTxt2Img(
@@ -271,10 +288,11 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         finally:
             _pending.job = None
             shared.state.end()
-    if job.result is None:
-        raise InterruptedError("calibration was interrupted: nothing was written")
-    job.result.save(path)
-    log.info("[Calibrated Samplers] wrote %s in %.0f s", path, time.time() - started)
+        if job.result is None:
+            raise InterruptedError("calibration was interrupted: nothing was written")
+        job.result.save(path, replace=bool(overwrite))
+    print(f"[Calibrated Samplers] wrote {path} ({job.result.method}, {steps} steps {scheduler}, cfg {cfg:g}) "
+          f"in {time.time() - started:.0f} s")
     return job.result, path
 
 

@@ -178,3 +178,17 @@ def test_inconsistent_calibration_cannot_be_built():
         Calibration("amed", SIG, {"r": torch.full((6,), 1.5), "c": torch.ones(6), "a": torch.ones(6)})
     with pytest.raises(CalibrationFileError, match="takes no calibration"):
         Calibration("gddim", SIG, {})
+
+
+def test_save_without_replace_keeps_an_existing_file(tmp_path):
+    """replace=False: a file that appeared at the path (another calibration to the same name) is kept whole."""
+    path = tmp_path / "taken.safetensors"
+    path.write_bytes(b"someone else's calibration")
+    cal = Calibration("iia_ddim", karras(4, 0.03, 14.6), {"coeffs": torch.zeros(4, 2, dtype=torch.float64)})
+    with pytest.raises(FileExistsError, match="already exists"):
+        cal.save(path, replace=False)
+    assert path.read_bytes() == b"someone else's calibration" and os.listdir(tmp_path) == ["taken.safetensors"]
+    cal.save(tmp_path / "free.safetensors", replace=False)
+    assert torch.equal(load(tmp_path / "free.safetensors").params["coeffs"], cal.params["coeffs"])
+    cal.save(path)  # replace=True (the default) writes over it
+    assert load(path).method == "iia_ddim"

@@ -137,12 +137,14 @@ def test_a_file_for_another_model_or_schedule_is_a_clear_node_error(server, eps_
     entry = server.run(wf)
     kind, data = error_of(entry)
     assert kind == "execution_error" and "made for another model" in data["exception_message"]
+    assert data["exception_type"] == "calibrated_samplers.ModelMismatch"  # not the pack's file-system path
     wf["21"]["inputs"]["calibration_file"] = "eps_a.safetensors"
     wf["30"] = {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "karras", "steps": 6, "denoise": 1.0}}
     wf["21"]["inputs"]["sigmas"] = ["30", 0]
     kind, data = error_of(server.run(wf))
     assert kind == "execution_error" and data["node_type"] == "CalibratedSamplersSamplerFromFile"
     assert "made for 8 steps, this run has 6" in data["exception_message"]
+    assert data["exception_type"] == "calibrated_samplers.CalibrationMismatch"
 
 
 def test_cancel_leaves_no_file(server, eps_run):

@@ -9,7 +9,7 @@ import torch
 
 from calibrated_samplers.calibration import Calibration, calibrate, load
 from calibrated_samplers.calibration.identity import fingerprint
-from calibrated_samplers.calibration.library import Library, ModelMismatch, check_model
+from calibrated_samplers.calibration.library import Library, ModelMismatch, check_model, no_match_message
 from calibrated_samplers.calibration.picture import residual_image
 from calibrated_samplers.nodes import declare, runtime
 from calibrated_samplers.samplers import SAMPLERS, CalibrationMismatch
@@ -137,6 +137,36 @@ def test_library_picks_the_newest_match_and_says_why_others_missed(tmp_path):
     assert "f_method" not in text
     assert lib.find("iia_dpmpp_2m", SIGMAS, "flow", fp, 3.0)[0] is None  # family mismatch
     assert lib.find("iia_dpmpp_2m", SIGMAS, "ve", fp, 4.0)[0] is None
+    # files made for this model come first, the damaged one next, another model's last
+    order = [n.split(":")[0] for n in notes]
+    assert order == ["c_cfg.safetensors", "e_steps.safetensors", "g_broken.safetensors", "d_other.safetensors"]
+
+
+def test_no_match_message_lists_every_file_or_counts_the_rest():
+    notes = [f"f{k}.safetensors: was made for cfg 5" for k in range(11)]
+    text = no_match_message("amed_euler", SAMPLERS["amed_euler"].uncalibrated, SIGMAS, 3.0, notes, "calibrate")
+    assert all(f"f{k}.safetensors" in text for k in range(8)) and "f8.safetensors" not in text
+    assert "... and 3 more files passed over" in text
+    # amed_euler without a file is not Euler: it evaluates each step's midpoint too
+    assert "UNCALIBRATED: euler on the schedule with each step's geometric-mean sigma added" in text
+    assert "more files" not in no_match_message("x", "y", SIGMAS, 3.0, notes[:8], "calibrate")
+
+
+def test_a_damaged_file_is_named_once_even_when_another_file_matches(tmp_path, caplog):
+    p = cs.Patcher()
+    fitted(patcher=p).save(tmp_path / "good.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a file")
+    lib = Library(lambda: sorted(str(f) for f in tmp_path.iterdir()))
+    x = cs.MIXTURE.noise(2, seed=9, dtype=torch.float32) * float(SIGMAS[0])
+    with caplog.at_level(logging.WARNING, logger="calibrated_samplers"):
+        for _ in range(3):
+            runtime.dropdown_sampler("iia_dpmpp_2m", lib)(denoiser(p), x, SIGMAS)
+    assert caplog.text.count("skipped the damaged file broken.safetensors") == 1
+    caplog.clear()
+    (tmp_path / "broken.safetensors").write_bytes(b"damaged again, differently")  # a new version: named again
+    with caplog.at_level(logging.WARNING, logger="calibrated_samplers"):
+        runtime.dropdown_sampler("iia_dpmpp_2m", lib)(denoiser(p), x, SIGMAS)
+    assert caplog.text.count("skipped the damaged file broken.safetensors") == 1
 
 
 # ---------------------------------------------------------------------------------------------- picture
@@ -225,7 +255,7 @@ def test_dropdown_sampler_without_a_match_runs_the_base_and_warns(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="calibrated_samplers"):
         out = runtime.dropdown_sampler("iia_dpmpp_2m", lib)(denoiser(p, cfg=3.0), x, SIGMAS)
     assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](denoiser(p, cfg=3.0), x, SIGMAS))
-    assert "UNCALIBRATED dpmpp_2m" in caplog.text and "Calibrate sampler" in caplog.text
+    assert "UNCALIBRATED: the dpmpp_2m solver" in caplog.text and "Fit calibration" in caplog.text
     assert "cfg5.safetensors: was made for cfg 5" in caplog.text
 
 
@@ -384,7 +414,7 @@ def test_classic_nodes_declare_inputs_and_outputs(comfy):
     assert set(types["optional"]) == {"negative", "latent", "sigmas", "chunk_size", "overwrite", "end_to_end",
                                       "learn_sigmas", "max_minutes"}
     assert calib.RETURN_TYPES == ("CALIBRATION", "SIGMAS", "IMAGE") and calib.OUTPUT_NODE
-    assert names["CalibratedSamplersCalibrate"] == "Calibrate sampler"
+    assert names["CalibratedSamplersCalibrate"] == "Fit calibration (run once, saves a file)"
     assert classes["CalibratedSamplersSampler"].RETURN_TYPES == ("SAMPLER", "SIGMAS")
 
 

@@ -100,13 +100,46 @@ def test_the_web_ui_refuses_before_taking_the_queue(monkeypatch, tmp_path):
         setattr(modules, name, types.SimpleNamespace(queue_lock=Lock()))
         monkeypatch.setitem(sys.modules, f"modules.{name}", getattr(modules, name))
     monkeypatch.setitem(sys.modules, "modules", modules)
-    env = types.SimpleNamespace(folder=lambda: str(tmp_path))
+    env = types.SimpleNamespace(folder=lambda: str(tmp_path), schedulers=lambda: ["Automatic", "Karras", "karras"])
     for bad, words in ((dict(steps=0), "steps must be"), (dict(width=500), "multiple of 8"),
                        (dict(batch_size=4, prompts=["a", "b"]), "use at least 6"),
-                       (dict(filename="a\nb"), "not usable")):
+                       (dict(filename="a\nb"), "not usable"),
+                       (dict(scheduler="Karas"), "unknown scheduler 'Karas': use one of Automatic, Karras")):
         args = dict(method="iia_dpmpp_2m", steps=8, scheduler="Karras", cfg=5.0, width=512, height=512,
                     prompts=["a photo"], batch_size=32, filename="ok")
         args.update(bad)
         with pytest.raises(ValueError, match=words):
             script.calibrate_in_webui(env, **args)
     assert not taken and os.listdir(tmp_path) == []
+
+
+def test_the_web_ui_checks_the_name_again_under_the_queue_lock(monkeypatch, tmp_path):
+    """Two calibrations to one name: the second waited for the lock while the first wrote the file. It must
+    stop before any work, and keep the first file."""
+    spec = importlib.util.spec_from_file_location("cs_webui_race", os.path.join(ROOT, "scripts",
+                                                                                "calibrated_samplers.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    target = tmp_path / "same.safetensors"
+    worked = []
+
+    class Lock:  # the other calibration finishes while this one waits
+        def __enter__(self):
+            target.write_bytes(b"the first calibration")
+
+        def __exit__(self, *exc):
+            return False
+
+    modules = types.ModuleType("modules")
+    modules.call_queue = types.SimpleNamespace(queue_lock=Lock())
+    modules.processing = types.SimpleNamespace(process_images=worked.append,
+                                               StableDiffusionProcessingTxt2Img=lambda **kw: worked.append(kw))
+    modules.shared = types.SimpleNamespace(sd_model=object())
+    for name in ("call_queue", "processing", "shared"):
+        monkeypatch.setitem(sys.modules, f"modules.{name}", getattr(modules, name))
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    env = types.SimpleNamespace(folder=lambda: str(tmp_path), schedulers=lambda: ["Karras"])
+    with pytest.raises(FileExistsError, match="already exists"):
+        script.calibrate_in_webui(env, method="iia_dpmpp_2m", steps=8, scheduler="Karras", cfg=5.0, width=512,
+                                  height=512, prompts=["a photo"], batch_size=32, filename="same")
+    assert not worked and target.read_bytes() == b"the first calibration"

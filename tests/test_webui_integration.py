@@ -64,8 +64,8 @@ def test_calibrate_route_writes_a_file_the_sampler_uses(forge, calibrated):
     # another cfg: no file matches, the base runs, and the infotext and console say so
     start = os.path.getsize(forge.log)
     info, fallback = forge.txt2img(LABELS["iia_dpmpp_2m"], cfg=3.0)
-    assert 'Calibration: "none: uncalibrated dpmpp_2m"' in info["infotexts"][0]
-    assert "running the UNCALIBRATED dpmpp_2m solver" in forge.log_since(start)
+    assert 'Calibration: "none: uncalibrated, the dpmpp_2m solver"' in info["infotexts"][0]
+    assert "running UNCALIBRATED: the dpmpp_2m solver" in forge.log_since(start)
     _, stock = forge.txt2img("DPM++ 2M", cfg=3.0)
     assert abs(fallback - stock).max() <= 1
 

@@ -137,7 +137,23 @@ def test_sampler_uses_the_matching_file_and_says_so_in_the_infotext(script, tmp_
     other_cfg = CFGModel(2)
     out = fn(other_cfg, x, SIGMAS, extra_args=extra(2, cfg=4.0))
     assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](CFGModel(2), x, SIGMAS, extra_args=extra(2, cfg=4.0)))
-    assert other_cfg.p.extra_generation_params["Calibration"] == "none: uncalibrated dpmpp_2m"
+    assert other_cfg.p.extra_generation_params["Calibration"] == "none: uncalibrated, the dpmpp_2m solver"
+
+
+def test_hires_fix_states_both_passes_in_the_infotext(script, tmp_path):
+    """The second pass (other sigmas, no file) gets its own line; the first pass's line stays."""
+    sd = forge_model(0)
+    fitted_for(script, sd).save(tmp_path / "mine.safetensors")
+    fn = script.make_sampler("iia_dpmpp_2m", script.library_for(str(tmp_path)), Env(sd))
+    model = CFGModel(2)
+    x = cs.MIXTURE.noise(2, seed=5, dtype=torch.float32) * float(SIGMAS[0])
+    fn(model, x, SIGMAS, extra_args=extra(2))
+    model.p.is_hr_pass = True  # what the web UI's sample_hr_pass sets
+    hires = karras(3, 0.03, 2.0).float()
+    fn(model, x[:, :] * 2.0 / float(SIGMAS[0]), hires, extra_args=extra(2))
+    params = model.p.extra_generation_params
+    assert params["Calibration"].startswith("mine.safetensors (")
+    assert params["Hires calibration"] == "none: uncalibrated, the dpmpp_2m solver"
 
 
 def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_prompt(script):
