@@ -6,6 +6,10 @@ value after an INT widget that declares it; socket inputs listed in order, then 
 as [id, from node, from slot, to node, to slot, type].
 
     python -m calibrated_samplers.tests.comfy_workflows http://127.0.0.1:8188   # rewrite the UI files
+
+The template browser shows a custom node's template by its file name and ``<file name>.jpg`` as its picture, so
+the UI files are named by ``TITLES``; ``LAYOUT`` places the nodes (x, y, width, height, title) so that no link
+runs behind a node.
 """
 import json
 import os
@@ -15,6 +19,29 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "example_workflows")
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+TITLES = {"calibrate_then_sample": "Calibrate then sample - SD1.5",
+          "flow_model_calibrate_and_sample": "Calibrate then sample - SD3.5 (flow model)",
+          "ksampler_with_saved_calibration": "KSampler with a saved calibration - SD1.5"}
+_SAMPLING = {  # the shared right half: noise and latent under the sampler, the decode up in the VAE's lane
+    "10": (820, 170, 340, 110, "CFG (the calibrated cfg)"), "3": (1600, 170, 320, 130, "Sample"),
+    "8": (1980, 40, 240, 70, None), "9": (2260, 40, 420, 460, None),
+    "21": (1220, 330, 340, 110, "Sampler from this calibration"), "22": (1220, 480, 340, 300, "Held-out error per step"),
+    "13": (1220, 830, 340, 110, None), "6": (420, 420, 340, 180, "Prompt"), "7": (420, 650, 340, 180, "Negative prompt"),
+    "20": (820, 330, 360, 640, "Fit calibration (runs once)")}
+LAYOUT = {
+    "calibrate_then_sample": dict(_SAMPLING, **{"4": (40, 40, 320, 100, None), "5": (1220, 990, 340, 110, None)}),
+    "flow_model_calibrate_and_sample": dict(_SAMPLING, **{
+        "16": (40, 40, 320, 60, None), "1": (40, 170, 320, 90, None), "14": (420, 170, 340, 60, None),
+        "2": (40, 330, 320, 110, "Text encoders (SD3: clip_l, clip_g, t5xxl)"), "5": (1220, 990, 340, 110, None)}),
+    "ksampler_with_saved_calibration": {
+        "4": (40, 40, 320, 100, None), "6": (420, 260, 340, 180, "Prompt"), "7": (420, 490, 340, 180, "Negative prompt"),
+        "5": (420, 720, 340, 110, None), "3": (820, 170, 340, 270, "KSampler (the saved file's settings)"),
+        "8": (1220, 40, 240, 70, None), "9": (1500, 40, 420, 460, None)},
+}
+
+
+def ui_path(name):
+    return os.path.join(EXAMPLES, TITLES[name] + ".json")
 
 
 def object_info(server):
@@ -42,7 +69,7 @@ def _default(kind, spec, opts):
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
 
 
-def api_to_ui(api, info):
+def api_to_ui(api, info, layout=None):
     ids = sorted(api, key=int)
     depth = {}
 
@@ -77,10 +104,12 @@ def api_to_ui(api, info):
                     widgets.append("fixed")
         col = level(nid)
         rows[col] = rows.get(col, 0) + 1
-        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [40 + 380 * col, 40 + 260 * (rows[col] - 1)],
-                      "size": [340, 220], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
-                      "outputs": [], "properties": {"Node name for S&R": node["class_type"]},
-                      "widgets_values": widgets})
+        x, y, w, h, title = (layout or {}).get(nid, (40 + 380 * col, 40 + 260 * (rows[col] - 1), 340, 220, None))
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [x, y], "size": [w, h], "flags": {},
+                      "order": order, "mode": 0, "inputs": inputs, "outputs": [],
+                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+        if title:
+            nodes[-1]["title"] = title
     for n in nodes:
         node_info = info[n["type"]]
         names = node_info.get("output_name") or node_info["output"]
@@ -123,10 +152,10 @@ def sources():
 def main(server):
     info = object_info(server)
     for name, api in sources().items():
-        with open(os.path.join(EXAMPLES, name + ".json"), "w") as f:
-            json.dump(api_to_ui(api, info), f, indent=1)
+        with open(ui_path(name), "w") as f:
+            json.dump(api_to_ui(api, info, LAYOUT.get(name)), f, indent=1)
             f.write("\n")
-        print("wrote", name + ".json")
+        print("wrote", ui_path(name))
 
 
 if __name__ == "__main__":

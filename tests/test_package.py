@@ -101,3 +101,33 @@ def test_the_packs_exceptions_have_a_short_stable_type_name():
     from calibrated_samplers.samplers import CalibrationMismatch
     for cls in (CalibrationCancelled, CalibrationFileError, ModelMismatch, RequestError, CalibrationMismatch):
         assert f"{cls.__module__}.{cls.__qualname__}" == f"calibrated_samplers.{cls.__name__}"
+
+
+def test_example_workflows_are_light_safe_and_laid_out():
+    """What the template browser offers: a title (the file name) and a picture for each, a calibration a mid GPU
+    runs in a minute or two that never replaces a file, and nodes that do not sit on one another."""
+    import json
+    from calibrated_samplers.tests import comfy_workflows as cw
+    sources = cw.sources()
+    assert set(sources) == set(cw.TITLES) == set(cw.LAYOUT)
+    for name, api in sources.items():
+        assert os.path.isfile(cw.ui_path(name)) and os.path.isfile(cw.ui_path(name)[:-5] + ".jpg"), name
+        for node in api.values():
+            if node["class_type"] == "CalibratedSamplersCalibrate":
+                i = node["inputs"]
+                assert i["overwrite"] is False and i["batch_size"] <= 16 and i["fine_steps"] <= 6, name
+                assert i["width"] * i["height"] <= 768 * 768 and 0 < i.get("max_minutes", 0) <= 2, name
+        if any(n["class_type"] == "UNETLoader" for n in api.values()):  # SD3: its own three text encoders
+            clip = next(n for n in api.values() if "clip_name1" in n["inputs"])
+            assert clip["class_type"] == "TripleCLIPLoader"
+            assert [clip["inputs"][f"clip_name{k}"] for k in (1, 2, 3)] == [
+                "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"]
+        with open(cw.ui_path(name)) as f:
+            nodes = json.load(f)["nodes"]
+        boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+                 for n in nodes]  # the title bar sits above pos
+        for a in range(len(boxes)):
+            for b in range(a + 1, len(boxes)):
+                A, B = boxes[a], boxes[b]
+                assert A[2] <= B[0] or B[2] <= A[0] or A[3] <= B[1] or B[3] <= A[1], (name, nodes[a]["id"],
+                                                                                      nodes[b]["id"])
