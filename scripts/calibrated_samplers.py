@@ -240,8 +240,10 @@ def register(library, env):
 
 
 def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts, negative_prompt="",
-                       batch_size=32, fine_steps=10, seed=0, filename="", chunk_size=4, overwrite=False):
-    """Calibrate the loaded checkpoint (under the web UI's queue lock); returns (Calibration, path)."""
+                       batch_size=32, fine_steps=10, seed=0, filename="", chunk_size=4, overwrite=False,
+                       on_progress=None):
+    """Calibrate the loaded checkpoint (under the web UI's queue lock); returns (Calibration, path).
+    ``on_progress(done, total)``: also told of each step of the work (the tab's progress bar)."""
     import torch
     from modules import call_queue, processing, shared
     from calibrated_samplers.calibration.requests import check_request, output_path
@@ -262,6 +264,8 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
 
     def progress(done, total):
         shared.state.sampling_step, shared.state.sampling_steps = done, total
+        if on_progress is not None:
+            on_progress(done, total)
 
     with call_queue.queue_lock:
         # again under the lock: a calibration to the same name may have finished while this one waited
@@ -336,26 +340,41 @@ def add_api(app, env, library):
     app.add_api_route("/calibrated-samplers/files", list_route, methods=["GET"])
 
 
+def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed,
+                 filename, overwrite, progress=None):
+    """The tab's Calibrate button: the method by its name in the sampler list, prompts one per line;
+    returns (message, residual picture or None). ``progress(fraction, desc=...)``: Gradio's progress bar."""
+    from calibrated_samplers.calibration.picture import residual_image
+    method = {v: k for k, v in LABELS.items()}.get(label, label)
+
+    def on_progress(done, total):
+        if progress is not None and total:
+            progress(done / total, desc=f"calibrating {LABELS.get(method, method)}")
+    try:
+        cal, path = calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts.splitlines(),
+                                       negative, batch_size, fine_steps, seed, filename, overwrite=overwrite,
+                                       on_progress=on_progress)
+    except (ValueError, FileExistsError, InterruptedError) as e:
+        return f"Not calibrated: {e}", None
+    return f"Wrote {path}", (residual_image(cal).numpy() * 255).astype("uint8")
+
+
 def ui_tab(env):
     """The 'Calibrated Samplers' tab: the same calibration as the API route, for people."""
     import gradio as gr
-    from modules import sd_schedulers
-    from calibrated_samplers.calibration.picture import residual_image
-    methods = [m for m in LABELS if m != "gddim"]
+    from modules import sd_schedulers, shared
+    methods = [LABELS[m] for m in LABELS if m != "gddim"]  # the names the sampler list shows
     schedulers = [s.label for s in sd_schedulers.schedulers]
 
-    def run(method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed, filename, overwrite):
-        try:
-            cal, path = calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts.splitlines(),
-                                           negative, batch_size, fine_steps, seed, filename, overwrite=overwrite)
-        except (ValueError, FileExistsError, InterruptedError) as e:
-            return f"Not calibrated: {e}", None
-        return f"Wrote {path}", (residual_image(cal).numpy() * 255).astype("uint8")
+    def run(method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed, filename,
+            overwrite, progress=gr.Progress()):
+        return run_from_tab(env, method, steps, scheduler, cfg, width, height, prompts, negative, batch_size,
+                            fine_steps, seed, filename, overwrite, progress)
 
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
             with gr.Column():
-                method = gr.Dropdown(methods, value="iia_dpmpp_2m", label="Method")
+                method = gr.Dropdown(methods, value=LABELS["iia_dpmpp_2m"], label="Method")
                 steps = gr.Slider(1, 50, value=8, step=1, label="Steps")
                 scheduler = gr.Dropdown(schedulers, value="Karras" if "Karras" in schedulers else schedulers[0], label="Schedule type")
                 cfg = gr.Slider(1, 30, value=5.0, step=0.5, label="CFG scale (sample at this one)")
@@ -363,17 +382,21 @@ def ui_tab(env):
                 height = gr.Slider(64, 2048, value=512, step=8, label="Height")
                 prompts = gr.Textbox(lines=4, label="Prompts (one per line)")
                 negative = gr.Textbox(label="Negative prompt")
-                batch_size = gr.Slider(2, 256, value=32, step=1, label="Noises")
+                batch_size = gr.Slider(3, 256, value=32, step=1, label="Noises")
                 fine_steps = gr.Slider(1, 50, value=10, step=1, label="Reference sub-steps per step")
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 filename = gr.Textbox(label="File name (models/calibrated_samplers/<name>.safetensors)")
                 overwrite = gr.Checkbox(False, label="Overwrite")
-                go = gr.Button("Calibrate", variant="primary")
+                with gr.Row():
+                    go = gr.Button("Calibrate", variant="primary")
+                    stop = gr.Button("Interrupt")
             with gr.Column():
                 status = gr.Textbox(label="Result")
-                picture = gr.Image(label="Held-out residual per step (grey: base, green: calibrated)")
+                picture = gr.Image(label="Held-out error per step and at the end, base and calibrated")
         go.click(run, [method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed,
                        filename, overwrite], [status, picture])
+        # the calibration checks the web UI's interrupt flag between chunks and then writes nothing
+        stop.click(lambda: shared.state.interrupt(), [], [])
     return [(tab, "Calibrated Samplers", "calibrated_samplers")]
 
 

@@ -166,11 +166,11 @@ class Forge(Server):
         status, raw = self.http("POST", path, body, timeout=timeout)
         return status, json.loads(raw)
 
-    def txt2img(self, sampler, scheduler="Karras", steps=4, cfg=5.0, seed=1234, prompt="a tiny test"):
+    def txt2img(self, sampler, scheduler="Karras", steps=4, cfg=5.0, seed=1234, prompt="a tiny test", **more):
         status, body = self.post("/sdapi/v1/txt2img", {
             "prompt": prompt, "negative_prompt": "", "sampler_name": sampler, "scheduler": scheduler, "steps": steps,
             "cfg_scale": cfg, "seed": seed, "width": 64, "height": 64, "batch_size": 1, "n_iter": 1,
-            "save_images": False, "send_images": True})
+            "save_images": False, "send_images": True, **more})
         assert status == 200, body
         info = json.loads(body["info"])
         import base64

@@ -38,7 +38,11 @@ def reference(sig):
 # Cells expected to fail, kept visible as strict xfails (none at present). amed_ipndm at 10 evaluations was
 # one until the engine fitted both iPNDM weightings and kept the better on held-out noises: with exact
 # variable-step weights two of the 256 test noises switched mixture component and carried the RMSE.
-KNOWN_MISSES = set()
+# amed_dpmpp_2m at 10 evaluations (5 steps ending at sigma_min) with the end-to-end stage: typical noises end 5x
+# closer to the exact solution (median per-noise error 0.047 -> 0.009), but the RMSE is carried by the ~2% of
+# test noises that end in another mixture component (errors ~1.3), and with the learned time steps a few more
+# of them switch; 64 held-out noises rarely contain one, so the held-out check cannot see it.
+KNOWN_MISSES = {("amed_dpmpp_2m", 10)}
 
 
 def _cases():

@@ -116,16 +116,25 @@ def test_chunk_size_changes_nothing_but_rounding(name, fit_batch):
 
 
 def test_end_to_end_lowers_the_held_out_error_further():
-    """On noises it never saw, the end-to-end result beats the sequential fit it started from (exact reference)."""
+    """On noises it never saw, the end-to-end result beats the sequential fit it started from (exact reference).
+
+    Per noise, by the median: on this mixture a few percent of the noises end in another component whatever the
+    solver (errors near 1, the rest near 0.01-0.1), and those few carry the plain RMSE; the count of such
+    noises may move by one either way, the typical error must drop.
+    """
     sig = karras(5, SIGMA_MIN, SIGMA_MAX)
     fit, test = MIXTURE.noise(128, seed=7) * SIGMA_MAX, MIXTURE.noise(256, seed=8) * SIGMA_MAX
     ref = MIXTURE.reference(test, SIGMA_MAX, 0.0, steps_per_unit=100)
     seq = calibrate(MIXTURE.edm(), sig, "iia_dpmpp_2m", fit, family="edm", end_to_end=False)
     e2e = calibrate(MIXTURE.edm(), sig, "iia_dpmpp_2m", fit, family="edm")
     fn = SAMPLERS["iia_dpmpp_2m"]
-    errors = [rmse(fn(MIXTURE.edm(), test, sig, disable=True, calibration=c), ref) for c in (None, seq, e2e)]
-    print("plain / sequential / end to end:", [f"{e:.4f}" for e in errors])
-    assert errors[2] < errors[1] < errors[0]
+    errors = [(fn(MIXTURE.edm(), test, sig, disable=True, calibration=c) - ref).flatten(1).pow(2).mean(1).sqrt()
+              for c in (None, seq, e2e)]
+    medians = [float(e.median()) for e in errors]
+    switched = [int((e > 0.5).sum()) for e in errors]
+    print("plain / sequential / end to end: median", [f"{m:.4f}" for m in medians], "switched", switched)
+    assert medians[2] < 0.5 * medians[1] < 0.5 * medians[0]
+    assert switched[2] <= switched[1] + 1 < switched[0]
 
 
 def test_learned_time_steps_are_what_sampling_uses(tmp_path):
@@ -162,3 +171,28 @@ def test_time_limit_and_budget_bound_the_stage():
     assert e2e["forward_evaluations"] > 0 and e2e["budget"] == 50
     quick = calibrate(MIXTURE.edm(), sig, "amed_euler", noise, family="edm", budget=1e9, time_limit=0.0)
     assert quick.info["end_to_end"]["rounds"] == 0
+
+
+class HalfPrecisionMixture(torch.nn.Module):
+    """The analytic mixture's denoiser behind a bfloat16 layer, as ComfyUI runs fp16/bf16 checkpoints: the input
+    is cast down, the frozen weight is bf16, the output comes back in the input's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.bfloat16), requires_grad=False)
+
+    def forward(self, x, sigma, **kw):
+        d = MIXTURE.edm()(x.double(), sigma.double(), **kw).to(torch.bfloat16) * self.scale
+        return d.to(x.dtype) + 0 * x  # x's dtype, and a path for the gradient through the bf16 values
+
+
+def test_a_bfloat16_model_calibrates_end_to_end_with_float_parameters():
+    sig = karras(5, SIGMA_MIN, SIGMA_MAX).float()
+    noise = (MIXTURE.noise(64, seed=14) * SIGMA_MAX).float()
+    cal = calibrate(HalfPrecisionMixture(), sig, "iia_dpmpp_2m", noise, family="edm", budget=60)
+    e2e = cal.info["end_to_end"]
+    assert e2e["rounds"] > 0 and math.isfinite(e2e["held_out_rmse"])
+    assert e2e["held_out_rmse"] <= e2e["start_held_out_rmse"]
+    assert cal.params["coeffs"].dtype == torch.float64 and torch.isfinite(cal.params["coeffs"]).all()
+    if cal.sample_sigmas is not None:
+        assert cal.sample_sigmas.dtype == torch.float64

@@ -77,6 +77,45 @@ def test_bad_requests_are_refused_with_a_reason(forge, calibrated):
     assert status == 400 and "already exists" in body["detail"]
 
 
+def test_unknown_scheduler_is_refused_with_the_valid_names(forge):
+    status, body = forge.post("/calibrated-samplers/calibrate", dict(CALIBRATE, method="iia_ddim", scheduler="Karas",
+                                                                   filename="typo"))
+    assert status == 400 and "unknown scheduler 'Karas'" in body["detail"] and "Karras" in body["detail"]
+    assert "typo.safetensors" not in os.listdir(forge.folder)
+
+
+def test_two_calibrations_to_one_name_never_replace_each_other(forge):
+    """Both pass the first check; the second waits for the queue lock, checks again and stops."""
+    results = []
+
+    def call(seed):
+        results.append(forge.post("/calibrated-samplers/calibrate",
+                                  dict(CALIBRATE, method="iia_ddim", seed=seed, filename="same_name")))
+    threads = [threading.Thread(target=call, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [200, 400], results
+    winner = next(body for status, body in results if status == 200)
+    loser = next(body for status, body in results if status == 400)
+    assert "already exists" in loser["detail"]
+    import hashlib
+    with open(os.path.join(forge.folder, "same_name.safetensors"), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest().startswith(winner["hash"])  # the first one's, whole
+
+
+def test_hires_fix_states_both_passes(forge, calibrated):
+    """The first pass matches the file; the second runs other sigmas (denoise 0.5) uncalibrated and says so
+    on its own line instead of overwriting the first's."""
+    info, _ = forge.txt2img(LABELS["iia_dpmpp_2m"], enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                            denoising_strength=0.5, hr_second_pass_steps=4)
+    text = info["infotexts"][0]
+    assert "Calibration: forge_iia.safetensors" in text
+    assert 'Hires calibration: "none: uncalibrated, the dpmpp_2m solver"' in text
+
+
 def test_interrupt_writes_nothing(forge, calibrated):
     result = {}
 
@@ -123,9 +162,10 @@ def test_one_file_both_uis(forge, calibrated, tmp_path_factory):
 TAB_CHECK = """
 import importlib.util, sys, types
 schedulers = types.SimpleNamespace(schedulers=[types.SimpleNamespace(label="Automatic"), types.SimpleNamespace(label="Karras")])
+shared = types.SimpleNamespace(state=types.SimpleNamespace(interrupt=lambda: None))
 modules = types.ModuleType("modules")
-modules.sd_schedulers = schedulers
-sys.modules.update({"modules": modules, "modules.sd_schedulers": schedulers})
+modules.sd_schedulers, modules.shared = schedulers, shared
+sys.modules.update({"modules": modules, "modules.sd_schedulers": schedulers, "modules.shared": shared})
 spec = importlib.util.spec_from_file_location("cs_script", sys.argv[1])
 script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(script)

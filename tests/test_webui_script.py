@@ -203,3 +203,28 @@ def test_registration_into_forge_and_a1111_lists_once(script, monkeypatch):
         assert fn.__name__ == "sample_amed_euler" and model == "sd"
         if not forge:
             assert set(sd_samplers.all_samplers_map) == set(added) and sd_samplers.set_calls == [1]
+
+
+def test_the_tab_takes_sampler_list_names_shows_progress_and_says_why_not(script, monkeypatch, tmp_path):
+    sd = forge_model(0)
+    cal = fitted_for(script, sd)
+    seen, bar = {}, []
+
+    def fake(env, method, *args, on_progress=None, **kw):
+        seen["method"] = method
+        for done in range(1, 5):
+            on_progress(done, 4)
+        return cal, str(tmp_path / "x.safetensors")
+    monkeypatch.setattr(script, "calibrate_in_webui", fake)
+    args = (8, "Karras", 5.0, 512, 512, "a cat\na dog", "", 32, 10, 0, "x", False)
+    message, picture = script.run_from_tab(None, "IIA DPM++ 2M (calibrated)", *args,
+                                           progress=lambda f, desc="": bar.append((f, desc)))
+    assert seen["method"] == "iia_dpmpp_2m" and message.startswith("Wrote ")
+    assert [f for f, _ in bar] == [0.25, 0.5, 0.75, 1.0] and "IIA DPM++ 2M (calibrated)" in bar[0][1]
+    assert picture.dtype.name == "uint8" and picture.ndim == 3
+
+    def refuse(*a, **k):
+        raise InterruptedError("calibration was interrupted: nothing was written")
+    monkeypatch.setattr(script, "calibrate_in_webui", refuse)
+    message, picture = script.run_from_tab(None, "AMED Euler (calibrated)", *args)
+    assert message == "Not calibrated: calibration was interrupted: nothing was written" and picture is None
