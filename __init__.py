@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
+WEB_DIRECTORY = "./nodes/web"  # the frontend extension: wider nodes where file names are long
 
 # ComfyUI has imported its own ``comfy`` package before it loads custom nodes; anywhere else we stay inert.
 if "comfy" in sys.modules and "comfy.samplers" in sys.modules:
@@ -16,4 +17,4 @@ if "comfy" in sys.modules and "comfy.samplers" in sys.modules:
 
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _mappings()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

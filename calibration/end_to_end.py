@@ -341,3 +341,58 @@ def _significantly_lower(errors, start, margin):
 def amed_defaults_of(params):
     """Boolean per step: the AMED parameters are exactly the defaults (the base update)."""
     return (params["r"] == AMED_DEFAULTS["r"]) & (params["c"] == AMED_DEFAULTS["c"]) & (params["a"] == AMED_DEFAULTS["a"])
+
+
+def normal_weights(module):
+    """Replace the module's inference tensors by normal copies, in place, and return how many were replaced.
+
+    UIs run sampling under ``torch.inference_mode`` (ComfyUI its nodes, the web UIs their pipeline), so a model
+    loaded there holds inference tensors, which autograd refuses to save for a backward pass; the end-to-end stage
+    differentiates through the model (with respect to the calibration's numbers only), so its weights must be
+    normal tensors. One tensor is copied at a time; the weights keep their values, device and dtype, and never
+    require grad.
+    """
+    replaced = 0
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    replaced += 1
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    replaced += 1
+    return replaced
+
+
+def normal_tensors(obj, _depth=0):
+    """``obj`` with every inference tensor inside it (lists, tuples, named tuples, dicts, plain objects, as the
+    web UIs' conditioning is built) replaced by a normal copy; what holds none is returned as it is."""
+    if torch.is_tensor(obj):
+        if not obj.is_inference():
+            return obj
+        with torch.inference_mode(False):
+            return obj.clone()
+    if _depth > 8 or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+        return obj
+    if isinstance(obj, dict):
+        new = {k: normal_tensors(v, _depth + 1) for k, v in obj.items()}
+        return obj if all(new[k] is obj[k] for k in obj) else type(obj)(new)
+    if isinstance(obj, (list, tuple)):
+        new = [normal_tensors(v, _depth + 1) for v in obj]
+        if all(a is b for a, b in zip(new, obj)):
+            return obj
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+            return type(obj)(*new)
+        return type(obj)(new)
+    if hasattr(obj, "__dict__") and not callable(obj):
+        changed = {k: normal_tensors(v, _depth + 1) for k, v in vars(obj).items()}
+        if all(changed[k] is v for k, v in vars(obj).items()):
+            return obj
+        import copy
+        out = copy.copy(obj)
+        for k, v in changed.items():
+            setattr(out, k, v)
+        return out
+    return obj

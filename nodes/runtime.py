@@ -9,6 +9,7 @@ import os
 import torch
 
 from ..calibration import calibrate
+from ..calibration.end_to_end import normal_weights
 from ..calibration.identity import fingerprint, named_weights, tensor_digest
 from ..calibration.library import cfg_mismatch, check_model, no_match_message
 from ..samplers import SAMPLERS, Family
@@ -128,28 +129,6 @@ class CalibrationJob:
         self.method, self.noise, self.first_noise, self.prompts = method, noise, first_noise, prompts
         self.fit_options, self.info, self.progress, self.cancel = fit_options, info, progress, cancel
         self.result = None
-
-
-def normal_weights(module):
-    """Replace the module's inference tensors by normal copies, in place, and return how many were replaced.
-
-    ComfyUI runs nodes under ``torch.inference_mode``, so a model loaded there holds inference tensors, which
-    autograd refuses to save for a backward pass; the end-to-end calibration differentiates through the model (with
-    respect to the calibration's numbers only), so its weights must be normal tensors. One tensor is copied at a
-    time; the weights keep their values, device and dtype, and never require grad.
-    """
-    replaced = 0
-    with torch.inference_mode(False):
-        for m in module.modules():
-            for name, p in list(m._parameters.items()):
-                if p is not None and p.is_inference():
-                    m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-                    replaced += 1
-            for name, b in list(m._buffers.items()):
-                if b is not None and b.is_inference():
-                    m._buffers[name] = b.clone()
-                    replaced += 1
-    return replaced
 
 
 def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, disable=None, job=None):

@@ -145,6 +145,7 @@ def make_sampler(name, library, env):
 def calibration_run(model, x, sigmas, extra_args, job, env, p):
     """Calibrate instead of sampling: the web UI has prepared the model and the negative prompt for this batch."""
     from calibrated_samplers.calibration import calibrate
+    from calibrated_samplers.calibration.end_to_end import normal_tensors, normal_weights
     sd_model = env.sd_model()
     _, family = model_family(sd_model)
     s0 = float(sigmas[0])
@@ -154,8 +155,12 @@ def calibration_run(model, x, sigmas, extra_args, job, env, p):
         scale = math.sqrt(1.0 + s0 * s0) if env.sgm_noise_multiplier() else s0
     states = job.noise.to(x.device, x.dtype) * scale
     batch = x.shape[0]
-    conds = [env.conds(p, prompt, batch) for prompt in job.prompts]
-    fixed = {k: v for k, v in extra_args.items() if k not in ("cond",)}
+    # the web UI made the weights and the conditioning under inference mode; the end-to-end stage needs normal ones
+    net = env.denoiser_module(sd_model)
+    if net is not None:
+        normal_weights(net)
+    conds = [normal_tensors(env.conds(p, prompt, batch)) for prompt in job.prompts]
+    fixed = {k: normal_tensors(v) for k, v in extra_args.items() if k not in ("cond",)}
 
     def denoiser(xs, sigma, prompt=0):
         m = xs.shape[0]
@@ -193,6 +198,12 @@ class WebUI:
         from modules import prompt_parser, shared
         prompts = prompt_parser.SdConditioning([prompt] * batch, width=p.width, height=p.height)
         return prompt_parser.get_multicond_learned_conditioning(shared.sd_model, prompts, p.steps)
+
+    def denoiser_module(self, sd_model):
+        """The torch module that holds the denoiser's weights (Forge's unet model, A1111's model), or None."""
+        forge = getattr(sd_model, "forge_objects", None)
+        module = forge.unet.model if forge is not None else getattr(sd_model, "model", None)
+        return module if hasattr(module, "modules") else None
 
     def schedulers(self):
         """The scheduler names and labels the web UI knows (its 'Schedule type' list)."""

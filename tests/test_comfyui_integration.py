@@ -85,6 +85,15 @@ def test_samplers_are_in_the_stock_dropdowns_once(server):
         assert node in info
 
 
+def test_the_frontend_extension_is_served(server):
+    """The JavaScript that widens the file node: listed by the server and fetchable by the browser."""
+    listed = json.loads(server.http("GET", "/extensions")[1])
+    ours = [u for u in listed if u.endswith("/calibrated_samplers.js")]
+    assert len(ours) == 1, listed
+    status, body = server.http("GET", ours[0])
+    assert status == 200 and b"CalibratedSamplersSamplerFromFile" in body
+
+
 def test_shipped_ui_workflows_are_the_api_sources(server):
     info = json.loads(server.http("GET", "/object_info")[1])
     for name, api in comfy_workflows.sources().items():

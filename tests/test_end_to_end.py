@@ -196,3 +196,31 @@ def test_a_bfloat16_model_calibrates_end_to_end_with_float_parameters():
     assert cal.params["coeffs"].dtype == torch.float64 and torch.isfinite(cal.params["coeffs"]).all()
     if cal.sample_sigmas is not None:
         assert cal.sample_sigmas.dtype == torch.float64
+
+
+def test_normal_tensors_copies_inference_tensors_wherever_the_conditioning_keeps_them():
+    """The web UIs build conditioning under inference mode as named tuples of lists of objects holding tensors
+    or dicts of them (SDXL); autograd cannot save those for backward, so the stage gets normal copies."""
+    import collections
+    Scheduled = collections.namedtuple("Scheduled", "end_at_step cond")
+
+    class Composable:
+        def __init__(self, schedules, weight):
+            self.schedules, self.weight = schedules, weight
+    with torch.inference_mode():
+        a, b = torch.randn(2, 3), torch.randn(4)
+        made = [[Composable([Scheduled(4, a), Scheduled(8, {"crossattn": a, "vector": b})], 1.0)]]
+        net = torch.nn.Linear(3, 3)
+    normal = E.normal_tensors(made)
+    first, second = normal[0][0].schedules
+    assert isinstance(first, Scheduled) and first.end_at_step == 4 and normal[0][0].weight == 1.0
+    for t, like in ((first.cond, a), (second.cond["crossattn"], a), (second.cond["vector"], b)):
+        assert not t.is_inference() and torch.equal(t, like)
+    assert made[0][0].schedules[0].cond.is_inference()  # the web UI's own objects are left as they were
+    plain = [torch.ones(2), {"k": "v"}]
+    assert E.normal_tensors(plain) is plain
+    assert E.normal_weights(net) == 2 and not any(p.is_inference() or p.requires_grad for p in net.parameters())
+    x = torch.randn(5, 3, requires_grad=True)
+    with torch.enable_grad():
+        net(x).sum().backward()  # weights that autograd can save
+    assert x.grad is not None

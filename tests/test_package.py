@@ -131,3 +131,14 @@ def test_example_workflows_are_light_safe_and_laid_out():
                 A, B = boxes[a], boxes[b]
                 assert A[2] <= B[0] or B[2] <= A[0] or A[3] <= B[1] or B[3] <= A[1], (name, nodes[a]["id"],
                                                                                       nodes[b]["id"])
+
+
+def test_the_frontend_extension_widens_nodes_that_exist():
+    import re
+    from calibrated_samplers.nodes.pack import NODES
+    folder = os.path.join(os.path.dirname(calibrated_samplers.__file__), calibrated_samplers.WEB_DIRECTORY)
+    (script,) = [f for f in os.listdir(folder) if f.endswith(".js")]
+    with open(os.path.join(folder, script)) as f:
+        text = f.read()
+    widened = re.findall(r"(CalibratedSamplers\w+): \d+", text)
+    assert widened and set(widened) <= {n.node_id for n in NODES}

@@ -110,7 +110,8 @@ def test_hires_fix_states_both_passes(forge, calibrated):
     """The first pass matches the file; the second runs other sigmas (denoise 0.5) uncalibrated and says so
     on its own line instead of overwriting the first's."""
     info, _ = forge.txt2img(LABELS["iia_dpmpp_2m"], enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
-                            denoising_strength=0.5, hr_second_pass_steps=4)
+                            denoising_strength=0.5, hr_second_pass_steps=4,
+                            hr_additional_modules=["Use same choices"])  # Forge's API fails without it
     text = info["infotexts"][0]
     assert "Calibration: forge_iia.safetensors" in text
     assert 'Hires calibration: "none: uncalibrated, the dpmpp_2m solver"' in text

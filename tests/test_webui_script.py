@@ -79,6 +79,9 @@ class Env:
     def conds(self, p, prompt, batch):
         return Cond(["cat", "dog"].index(prompt), batch)
 
+    def denoiser_module(self, sd_model):
+        return sd_model.forge_objects.unet.model.diffusion_model
+
 
 def extra(batch, cfg=3.0):
     return {"cond": Cond(0, batch), "uncond": None, "cond_scale": cfg, "s_min_uncond": 0.0, "image_cond": None}
