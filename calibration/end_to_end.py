@@ -140,6 +140,7 @@ class Stage:
         self.fit = [ch for ch in run.chunks if not ch.held_out]
         self.held = [ch for ch in run.chunks if ch.held_out]
         self.n_fit = sum(ch.n for ch in self.fit)
+        self.group_of = {i: ch.group for ch in self.fit for i in range(ch.sl.start, ch.sl.stop)}  # fit noise -> condition
         self.forward = self.backward = 0  # model evaluations x samples, in the forward and the backward passes
         self.history = []
 
@@ -213,15 +214,14 @@ class Stage:
         """The next ``batch`` fit noises of passes over them in random order, as chunks of at most the run's chunk
         size that never straddle a condition. The draw is over noises, not chunks, so the chunk size changes how
         the work is cut, never which noises a step sees."""
+        order = list(self.group_of)
         while len(queue) < self.batch:
-            order = torch.cat([torch.arange(ch.sl.start, ch.sl.stop) for ch in self.fit])
-            queue += order[torch.randperm(len(order), generator=gen)].tolist()
+            queue += [order[j] for j in torch.randperm(len(order), generator=gen).tolist()]
         picked = sorted(queue[:self.batch])
         del queue[:self.batch]
-        group_of = {i: ch.group for ch in self.fit for i in range(ch.sl.start, ch.sl.stop)}
         chunks = []
-        for group in sorted({group_of[i] for i in picked}):
-            mine = [i for i in picked if group_of[i] == group]
+        for group in sorted({self.group_of[i] for i in picked}):
+            mine = [i for i in picked if self.group_of[i] == group]
             for a in range(0, len(mine), self.run.chunk_size):
                 idx = torch.tensor(mine[a:a + self.run.chunk_size])
                 chunks.append(SimpleNamespace(sl=idx, n=len(idx), group=group, held_out=False))

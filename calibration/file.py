@@ -102,13 +102,14 @@ class Calibration:
 
 def _place_new(tmp, path):
     """Move ``tmp`` to ``path`` only if nothing is there, atomically where the file system has hard links."""
+    taken = f"{path} already exists: choose another file name, or turn on overwrite"
     try:
         os.link(tmp, path)  # fails if path exists, in one step: no window for another writer
     except FileExistsError:
-        raise FileExistsError(f"{path} already exists: choose another file name, or turn on overwrite") from None
+        raise FileExistsError(taken) from None
     except OSError:  # no hard links here (some network or FAT file systems): check, then rename
         if os.path.exists(path):
-            raise FileExistsError(f"{path} already exists: choose another file name, or turn on overwrite") from None
+            raise FileExistsError(taken) from None
         os.replace(tmp, path)
         return
     os.remove(tmp)

@@ -73,6 +73,7 @@ class Library:
         self._list_paths = list_paths
         self._cache = {}
         self._reported = set()
+        self._damaged = []  # (path, mtime, error) of the files the last find could not read
 
     def entries(self):
         """[(path, Calibration or CalibrationFileError)] for every listed file."""
@@ -104,10 +105,12 @@ class Library:
         fam = Family.of(family)
         sig = [float(s) for s in sigmas]
         matches, notes = [], []  # notes: (rank, text); files for this model first, then damaged, then other models
+        self._damaged = []
         for path, mtime, cal in self._scan():
             name = os.path.basename(path)
             if isinstance(cal, Exception):
                 notes.append((1, f"{name}: unreadable ({cal})"))
+                self._damaged.append((path, mtime, cal))
                 continue
             if cal.method != method:
                 continue
@@ -130,11 +133,12 @@ class Library:
         return cal, path, notes
 
     def unreported_damage(self):
-        """Files that could not be read and were not named by an earlier call: (name, error) each, once per
-        file version, so a lookup that found another file still says once that one was skipped."""
+        """Warnings for the files the last ``find`` could not read and no earlier call named, once per file
+        version, so a lookup that found another file still says once that one was skipped."""
         out = []
-        for path, mtime, cal in self._scan():
-            if isinstance(cal, Exception) and (path, mtime, str(cal)) not in self._reported:
+        for path, mtime, cal in self._damaged:
+            if (path, mtime, str(cal)) not in self._reported:
                 self._reported.add((path, mtime, str(cal)))
-                out.append((os.path.basename(path), cal))
+                out.append(f"[Calibrated Samplers] skipped the damaged file {os.path.basename(path)} ({cal}); "
+                           "remove or replace it")
         return out

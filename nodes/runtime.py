@@ -96,9 +96,8 @@ def dropdown_sampler(name, library):
                                              HOW_TO_CALIBRATE.format(name=name)))
             else:
                 log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
-                for file, error in damaged:
-                    log.warning("[Calibrated Samplers] skipped the damaged file %s (%s); remove or replace it", file,
-                                error)
+                for warning in damaged:
+                    log.warning(warning)
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                   calibration=calibration, family=family.name, shift=family.shift, **options)
 

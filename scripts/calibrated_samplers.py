@@ -123,9 +123,8 @@ def make_sampler(name, library, env):
             calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg)
             damaged = library.unreported_damage()
             if calibration is not None:
-                for file, error in damaged:
-                    log.warning("[Calibrated Samplers] skipped the damaged file %s (%s); remove or replace it", file,
-                                error)
+                for warning in damaged:
+                    log.warning(warning)
             if calibration is None:
                 log.warning(no_match_message(
                     LABELS[name], fn.uncalibrated, sigmas, cfg, notes,

@@ -119,19 +119,16 @@ LEARNED_CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("what", sorted(LEARNED_CORRUPTIONS))
-def test_damaged_learned_schedules_are_refused(tmp_path, what):
-    path = learned_calibration().save(str(tmp_path / "cal.safetensors"))
-    tensors, metadata, message = LEARNED_CORRUPTIONS[what]
-    rewrite(path, tensors, metadata)
-    with pytest.raises(CalibrationFileError, match=message):
-        load(path)
+DAMAGED = ([pytest.param(iia_calibration, CORRUPTIONS[w], id=w) for w in sorted(CORRUPTIONS)]
+           + [pytest.param(learned_calibration, LEARNED_CORRUPTIONS[w], id=f"learned: {w}")
+              for w in sorted(LEARNED_CORRUPTIONS)])
 
 
-@pytest.mark.parametrize("what", sorted(CORRUPTIONS))
-def test_damaged_or_foreign_files_are_refused(tmp_path, what):
-    path = iia_calibration().save(str(tmp_path / "cal.safetensors"))
-    tensors, metadata, message = CORRUPTIONS[what]
+@pytest.mark.parametrize("make, corruption", DAMAGED)
+def test_damaged_or_foreign_files_are_refused(tmp_path, make, corruption):
+    """Plain files and files with learned time steps, each damaged one way: refused with what is wrong."""
+    path = make().save(str(tmp_path / "cal.safetensors"))
+    tensors, metadata, message = corruption
     rewrite(path, tensors, metadata)
     with pytest.raises(CalibrationFileError, match=message):
         load(path)
