@@ -1,6 +1,7 @@
 """Command line: calibrate a bundled model, inspect a calibration file, plot one.
 
     python -m calibrated_samplers.calibration calibrate --model digits-eps --sampler iia_dpmpp_2m --evaluations 5 --out cal.safetensors
+    python -m calibrated_samplers.calibration calibrate --model digits-eps --steps 4 --more-steps 4-12 --cfg-list 3-8 --out range.safetensors
     python -m calibrated_samplers.calibration inspect cal.safetensors
     python -m calibrated_samplers.calibration plot cal.safetensors cal.png
 
@@ -28,7 +29,7 @@ def _schedule(bed, sampler, steps, evaluations):
 
 def cmd_calibrate(args):
     from .engine import calibrate
-    from .requests import RequestError, check_request
+    from .requests import RequestError, check_entries, check_request, parse_cfgs, parse_denoises, parse_steps
     from .testbed import testbed
     try:
         bed = testbed(args.model)
@@ -38,8 +39,18 @@ def cmd_calibrate(args):
     try:
         check_request(steps=args.steps if args.evaluations is None else None, cfg=args.cfg, batch_size=args.batch,
                       prompts=len(conditions), holdout=args.holdout)
+        spread = None
+        if args.more_steps or args.cfg_list or args.denoise_list:
+            if args.evaluations is not None:
+                raise RequestError("--evaluations names one schedule: give --steps with --more-steps instead")
+            spread = {"steps": parse_steps(args.more_steps, args.steps),
+                      "cfgs": parse_cfgs(args.cfg_list, args.cfg) if (args.cfg_list or args.cfg is not None) else [None],
+                      "denoises": parse_denoises(args.denoise_list)}
+            check_entries(**spread)
     except RequestError as e:
         raise SystemExit(str(e))
+    if spread is not None:
+        return calibrate_spread(args, bed, spread)
     sig = _schedule(bed, args.sampler, args.steps, args.evaluations)
     noise = bed.noise(args.batch, args.seed, sig)
     width = 40
@@ -68,7 +79,47 @@ def cmd_calibrate(args):
           f"model evaluations per noise, {cal.info['seconds']:.1f} s{fell_back}{stage}")
 
 
+def _bar(width=40):
+    def progress(done, total):
+        filled = int(width * done / max(total, 1))
+        print(f"\rcalibrating [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr,
+              flush=True)
+    return progress
+
+
+def calibrate_spread(args, bed, spread):
+    """One file for several step counts, cfgs and denoise values (calibration.ranges)."""
+    from .file import CalibrationSet
+    from .ranges import calibrate_range
+    noise = torch.randn(args.batch, *bed.shape, generator=torch.Generator().manual_seed(args.seed))
+    result = calibrate_range(
+        bed.model, bed.sigmas, args.sampler, noise, [{}], with_cfg=lambda c: (bed.model, bed.conditions(c)),
+        family=bed.family, shift=bed.shift, fine_steps=args.fine_steps, target=args.target, chunk_size=args.chunk_size,
+        holdout=args.holdout, sigma_min=bed.sigma_min, end_to_end=args.end_to_end, learn_sigmas=args.learn_sigmas,
+        budget=args.budget, progress=None if args.quiet else _bar(),
+        info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed,
+              "primary": {"steps": args.steps, "cfg": args.cfg},
+              "made_by": "python -m calibrated_samplers.calibration calibrate"}, **spread)
+    if not args.quiet:
+        print(file=sys.stderr)
+    result.save(args.out)
+    if isinstance(result, CalibrationSet):
+        print(f"wrote {args.out}: {result.method}, {len(result)} calibrations ({result.summary()}), "
+              f"{result.info['model_evaluations_per_sample']:.0f} model evaluations per noise "
+              f"({result.info['teacher_evaluations_saved_per_sample']:.0f} saved by shared teachers), "
+              f"{result.info['seconds']:.1f} s")
+    else:
+        print(f"wrote {args.out}: {result.method}, {result.steps} steps")
+
+
 def describe(cal):
+    """The metadata and per-step table of a calibration (every entry of a range file), as text."""
+    if hasattr(cal, "entries"):
+        parts = [f"range file: {cal.method}, {len(cal)} calibrations, {cal.summary()}"]
+        for k, entry in enumerate(cal.entries):
+            parts += ["", f"--- entry {k}: {entry.steps} steps, denoise {entry.info.get('denoise', 1.0):g}, "
+                          f"cfg {entry.info.get('cfg')}", describe(entry)]
+        return "\n".join(parts)
     """The metadata and per-step table of a calibration, as text."""
     lines = [f"method      {cal.method} (base {cal.metadata()['base']})",
              f"family      {cal.family} (shift {cal.shift:g})",
@@ -144,7 +195,8 @@ def plot(cal, out):
 
 def cmd_plot(args):
     from .file import load
-    plot(load(args.file), args.out)
+    cal = load(args.file)
+    plot(cal.primary() if hasattr(cal, "entries") else cal, args.out)
     print(f"wrote {args.out}")
 
 
@@ -175,6 +227,11 @@ def main(argv=None):
                    help="keep the requested time steps in the end-to-end stage")
     c.add_argument("--budget", type=float, default=None, help="model-evaluation equivalents per noise for the "
                    "end-to-end stage (default: a multiple of the per-step fit's)")
+    c.add_argument("--more-steps", default="", help="more step counts in the same file, e.g. 4-12 or 6,10")
+    c.add_argument("--cfg-list", default="", help="cfg values to fit, e.g. 3,5.5,8 or 3-8 (three values); lookups "
+                   "in between interpolate")
+    c.add_argument("--denoise-list", default="", help="denoise values to fit, e.g. 1,0.6,0.3 (img2img from the "
+                   "model's own samples)")
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--out", required=True)
     c.set_defaults(run=cmd_calibrate)

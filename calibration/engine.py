@@ -234,6 +234,26 @@ class _Teacher:
                           self.run.family, self.options, self.run.sigma_min)[0]
 
 
+class _SharedView:
+    """A run's teacher read from a ranges.SharedTeacher (one fine solve shared by several schedules)."""
+
+    def __init__(self, run, shared):
+        self.run, self.shared = run, shared
+        self.states = {}
+
+    def advance(self, i, chunks):
+        run, x, out = self.run, self.shared.at(self.run.sig[i + 1]), []
+        for j in chunks:
+            xs = x[run.chunks[j].sl].to(run.storage)
+            self.states[j] = (xs, None)
+            out.append(xs)
+            run.tick()
+        return out
+
+    def endpoint(self):
+        return self.shared.at(self.run.sig[-1]).to(self.run.storage)
+
+
 # --------------------------------------------------------------------------------------------------
 # IIA: per-step least squares
 # --------------------------------------------------------------------------------------------------
@@ -502,7 +522,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,
               sigma_min=None, end_to_end=True, learn_params=True, learn_sigmas=True, budget=None, time_limit=None,
               optimizer="adam", learning_rate=0.01, fit_batch=32, storage_device=None, progress=None, cancel=None,
-              info=None, **options):
+              info=None, shared_teacher=None, **options):
     """Fit ``sampler``'s per-step parameters to ``model`` on the schedule ``sigmas``; returns a ``Calibration``.
 
     ``noise``: the batch of initial states (already scaled to sigmas[0], as a sampler receives them).
@@ -525,6 +545,9 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     default ``BUDGET_FACTOR`` times what the per-step fit spent); ``time_limit``: seconds, optional.
     ``optimizer``: "adam" (``fit_batch`` fit noises per step, ``learning_rate`` decayed over the budget) or
     "lbfgs" (full batch).
+    ``shared_teacher``: a ranges.SharedTeacher that already solved from these initial states through this
+    schedule's sigmas (with ``target="trajectory"``): the fit reads its targets there instead of solving again;
+    the default budget still counts the teacher a dedicated calibration would have run.
     ``progress(done, total)`` and ``cancel() -> bool`` are called between chunks. ``info``: extra metadata
     for the file (cfg, seed, model fingerprint...). Remaining ``options`` are solver options (``afs``,
     ``max_order``, ``variable_step``) saved with the calibration and used by the sampler.
@@ -533,7 +556,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                     holdout=holdout, chunk_size=chunk_size, validate=validate, sigma_min=sigma_min,
                     end_to_end=end_to_end, learn_params=learn_params, learn_sigmas=learn_sigmas, budget=budget,
                     time_limit=time_limit, optimizer=optimizer, learning_rate=learning_rate, fit_batch=fit_batch,
-                    storage_device=storage_device, cancel=cancel, info=info)
+                    storage_device=storage_device, cancel=cancel, info=info, shared_teacher=shared_teacher)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; calibrated samplers are "
                          f"{sorted(n for n, f in SAMPLERS.items() if f.kind != 'plain')}")
@@ -594,7 +617,10 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     n_candidates = (len(STRENGTHS) if sequential else 1) + (1 if user_options != options else 0)
     run.total = units + run.n_steps * teacher_chunks + (n_candidates * len(held) if validate else 0)
     run.total += E2E_UNITS if end_to_end else 0
-    teacher = _Teacher(run, fn.base, int(fine_steps), options)
+    if shared_teacher is not None and (target != "trajectory" or not shared_teacher.covers(run.sig)):
+        shared_teacher = None
+    teacher = (_Teacher(run, fn.base, int(fine_steps), options) if shared_teacher is None
+               else _SharedView(run, shared_teacher))
     fit_info, scales = {}, {}
     before = after = fallback = None
     with torch.no_grad():
@@ -625,6 +651,8 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     sample_sigmas = None
     if end_to_end:
         sequential_cost = run.sample_evaluations / noise.shape[0]
+        if shared_teacher is not None:
+            sequential_cost += shared_teacher.dedicated_cost(run.n_steps)
         limit = BUDGET_FACTOR * sequential_cost if budget is None else float(budget)
         learn = E.Learnable(fn.kind, params, run.sig, learn_params=learn_params, learn_sigmas=learn_sigmas,
                             scales=scales.get("coeffs"), device=run.device)
@@ -646,7 +674,8 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     elapsed = time.perf_counter() - started
     meta = dict(info or {})
     meta.update({
-        "fine_steps": int(fine_steps), "target": target, "teacher": f"{fn.base} x {int(fine_steps)} sub-steps",
+        "fine_steps": int(fine_steps), "target": target, "teacher": f"{fn.base} x {int(fine_steps)} sub-steps"
+        + (" (shared with the other step counts)" if shared_teacher is not None else ""),
         "sigma_min": sigma_min,
         "batch": int(noise.shape[0]), "conditions": len(conditions), "holdout": holdout,
         "chunk_size": int(chunk_size), "model_evaluations_per_sample": run.sample_evaluations / noise.shape[0],

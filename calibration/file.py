@@ -8,6 +8,11 @@ schedule it samples on when its time steps were learned: same count, same first 
 ``method``, ``base``, ``family``, ``shift``, ``options`` (JSON of the solver options fitted with),
 ``pack_version`` and ``info`` (JSON: cfg, fine_steps, batch size, seed, model fingerprint and how it was
 computed, the fit's settings). Loading validates every field and refuses what it does not understand.
+
+A range file (format version 3, ``CalibrationSet``) holds several such calibrations of one method and model, one
+per fitted step count, denoise and cfg: entry k's tensors are the ones above prefixed ``k/``, and the metadata
+``entries`` is a JSON list of each entry's ``options`` and ``info``. Packs that read only versions 1 and 2 refuse it
+rather than sampling on the wrong schedule.
 """
 import json
 import math
@@ -22,7 +27,9 @@ from ..samplers.iia import VARIANT_BY_NAME
 
 FORMAT = "calibrated-samplers"
 FORMAT_VERSION = 2  # 2 adds sample_sigmas; a file without them is still written as 1, which every version reads
-READABLE_VERSIONS = ("1", "2")
+SET_VERSION = "3"  # a CalibrationSet: several calibrations in one file
+READABLE_VERSIONS = ("1", "2", SET_VERSION)
+MAX_ENTRIES = 1000
 OPTIONAL_TENSORS = ("sample_sigmas", "residual_before", "residual_after", "fallback")
 REQUIRED_METADATA = ("format", "format_version", "method", "base", "family", "shift", "options", "pack_version", "info")
 
@@ -81,23 +88,92 @@ class Calibration:
         """Write atomically: a temporary file in the same folder, renamed over ``path`` once complete. With
         ``replace=False`` an existing ``path`` (even one written a moment ago by another calibration) is kept
         and FileExistsError raised."""
-        from safetensors.torch import save_file
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata=self.metadata())
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; calibrations are meant to be shared
-            if replace:
-                os.replace(tmp, path)
-            else:
-                _place_new(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return path
+        return _write(path, self.tensors(), self.metadata(), replace)
+
+
+def _write(path, tensors, metadata, replace):
+    from safetensors.torch import save_file
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; calibrations are meant to be shared
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+class CalibrationSet:
+    """Calibrations of one method for one model at several step counts, denoise values and cfg values (a range
+    file). ``select`` picks, or interpolates over cfg, the calibration for a run; see calibration.ranges."""
+
+    def __init__(self, entries, info=None):
+        self.entries = list(entries)
+        self.info = dict(info or {})
+        if not self.entries:
+            raise CalibrationFileError("calibration set: it holds no calibrations")
+        if len(self.entries) > MAX_ENTRIES:
+            raise CalibrationFileError(f"calibration set: {len(self.entries)} entries, at most {MAX_ENTRIES}")
+        first = self.entries[0]
+        for cal in self.entries:
+            if not isinstance(cal, Calibration):
+                raise CalibrationFileError("calibration set: every entry must be a Calibration")
+            if (cal.method, cal.family, cal.shift) != (first.method, first.family, first.shift):
+                raise CalibrationFileError(
+                    "calibration set: every entry must have the same method and model family, got "
+                    f"{first.method}/{first.family} and {cal.method}/{cal.family}")
+        self.method, self.family, self.shift = first.method, first.family, first.shift
+
+    def __repr__(self):
+        return f"CalibrationSet({self.method!r}, {len(self.entries)} entries: {self.summary()})"
+
+    def __len__(self):
+        return len(self.entries)
+
+    def summary(self):
+        """What the set serves, in words: step counts, denoise values and cfg values or range."""
+        from .ranges import describe_entries
+        return describe_entries(self.entries)
+
+    def primary(self):
+        """The entry the set was made around (info "primary": steps and cfg at full denoise), else the first: what
+        a UI shows for the set (its schedule, its residuals)."""
+        want = self.info.get("primary") or {}
+        for cal in self.entries:
+            if (cal.steps == want.get("steps") and cal.info.get("cfg") == want.get("cfg")
+                    and float(cal.info.get("denoise", 1.0)) == 1.0):
+                return cal
+        return self.entries[0]
+
+    def select(self, sigmas, family=None, cfg=None):
+        """(Calibration or None, why): see ranges.select."""
+        from .ranges import select
+        return select(self, sigmas, family, cfg)
+
+    def tensors(self):
+        out = {}
+        for k, cal in enumerate(self.entries):
+            # copies: entries may share a tensor (one schedule at several cfgs), which safetensors refuses to write
+            out.update({f"{k}/{name}": t.clone() for name, t in cal.tensors().items()})
+        return out
+
+    def metadata(self):
+        meta = self.entries[0].metadata()
+        meta.update(format_version=SET_VERSION, info=json.dumps(self.info, sort_keys=True), entries=json.dumps(
+            [{"options": cal.options, "info": cal.info} for cal in self.entries], sort_keys=True))
+        return meta
+
+    def save(self, path, replace=True):
+        """Write atomically, as Calibration.save does."""
+        return _write(path, self.tensors(), self.metadata(), replace)
 
 
 def _place_new(tmp, path):
@@ -196,17 +272,46 @@ def load(path):
     for k, t in tensors.items():
         if t.dtype not in (torch.float32, torch.float64):
             _fail(path, f"tensor {k!r} has dtype {t.dtype}, expected float32 or float64")
+    if meta["format_version"] == SET_VERSION:
+        return _load_set(path, meta, tensors, shift, info)
+    if "sample_sigmas" in tensors and meta["format_version"] == "1":
+        _fail(path, "a version 1 file cannot hold sample_sigmas: damaged or hand-edited")
+    return _entry(path, meta, tensors, shift, options, info)
+
+
+def _entry(path, meta, tensors, shift, options, info, where=""):
     known = {"sigmas"} | set(OPTIONAL_TENSORS) | {k for k in tensors if k.startswith("param.")}
     unknown = sorted(set(tensors) - known)
     if unknown or "sigmas" not in tensors:
-        _fail(path, f"unexpected tensors {unknown}" if unknown else "no sigmas tensor")
-    if "sample_sigmas" in tensors and meta["format_version"] == "1":
-        _fail(path, "a version 1 file cannot hold sample_sigmas: damaged or hand-edited")
+        _fail(path, f"{where}unexpected tensors {unknown}" if unknown else f"{where}no sigmas tensor")
     params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
     try:
         return Calibration(meta["method"], tensors["sigmas"], params, meta["family"], shift, options, info,
                            *(tensors.get(n) for n in OPTIONAL_TENSORS))
     except CalibrationFileError as e:
-        _fail(path, str(e).split(": ", 1)[-1])
+        _fail(path, where + str(e).split(": ", 1)[-1])
     except ValueError as e:  # an unknown family name
-        _fail(path, str(e))
+        _fail(path, where + str(e))
+
+
+def _load_set(path, meta, tensors, shift, info):
+    try:
+        entries = json.loads(meta.get("entries", ""))
+    except ValueError as e:
+        _fail(path, f"the entries metadata is not valid JSON ({e})")
+    if (not isinstance(entries, list) or not entries or len(entries) > MAX_ENTRIES
+            or not all(isinstance(e, dict) and isinstance(e.get("options"), dict) and isinstance(e.get("info"), dict)
+                       for e in entries)):
+        _fail(path, f"the entries metadata must list 1 to {MAX_ENTRIES} objects with options and info")
+    by_entry = {}
+    for name, t in tensors.items():
+        k, _, rest = name.partition("/")
+        if not k.isdigit() or int(k) >= len(entries) or not rest:
+            _fail(path, f"unexpected tensor {name!r} in a calibration set of {len(entries)} entries")
+        by_entry.setdefault(int(k), {})[rest] = t
+    cals = [_entry(path, meta, by_entry.get(k, {}), shift, e["options"], e["info"], where=f"entry {k}: ")
+            for k, e in enumerate(entries)]
+    try:
+        return CalibrationSet(cals, info)
+    except CalibrationFileError as e:
+        _fail(path, str(e).split(": ", 1)[-1])

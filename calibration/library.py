@@ -1,14 +1,16 @@
 """A folder of calibration files, and the rules for picking one for a run (shared by the UI adapters).
 
 A file matches a run when its method, schedule (sigmas, within the samplers' tolerance), model family, model
-fingerprint and cfg all agree; among several matches the newest file wins. ``find`` also returns why each
+fingerprint and cfg all agree; a range file (CalibrationSet) matches when it holds an entry for the schedule and
+a cfg range that contains the run's (ranges.select). Among several matches a file fitted at exactly the run's cfg
+wins over an interpolated one, then the newest. ``find`` also returns why each
 near miss was passed over, so a UI can tell the user what to calibrate instead of silently running the base.
 """
 import os
 
 from ..samplers import CalibrationMismatch, Family
 from ..samplers._core import check_calibration
-from .file import CalibrationFileError, load
+from .file import CalibrationFileError, CalibrationSet, load
 from .identity import describe_difference, same_model
 
 CFG_TOLERANCE = 1e-3
@@ -59,11 +61,23 @@ def no_match_message(label, uncalibrated, sigmas, cfg, notes, how):
     cfg_text = "any cfg" if cfg is None else f"cfg {float(cfg):g}"
     lines = [f"[Calibrated Samplers] {label}: no calibration file matches this model, {len(sig) - 1} steps "
              f"(sigmas {sig[0]:.4g} ... {sig[-1]:.4g}) and {cfg_text}; running UNCALIBRATED: {uncalibrated}. "
-             f"To calibrate: {how}, with the same scheduler and steps and {cfg_text}."]
+             f"To calibrate: {how}, with the same scheduler, and steps, denoise and cfg ranges that include this "
+             "run's."]
     lines += [f"    passed over {n}" for n in notes[:SHOWN_NOTES]]
     if len(notes) > SHOWN_NOTES:
         lines.append(f"    ... and {len(notes) - SHOWN_NOTES} more files passed over")
     return "\n".join(lines)
+
+
+def short_no_match(label, sigmas, cfg, notes, fix):
+    """The same warning in a few sentences, for a toast or a UI line (the console has the whole list); ``fix``
+    says where to calibrate in this UI."""
+    cfg_text = "" if cfg is None else f", cfg {float(cfg):g}"
+    text = (f"{label} ran UNCALIBRATED: no calibration file fits this model, {len(sigmas) - 1} steps{cfg_text}. "
+            f"{fix} for this setting, or for step and cfg ranges that include it.")
+    if notes:
+        text += f" Closest file: {notes[0]}" + (f" (and {len(notes) - 1} more in the console)" if len(notes) > 1 else "")
+    return text
 
 
 class Library:
@@ -116,6 +130,15 @@ class Library:
                 continue
             diff = other_model(cal, fingerprint)
             rank = 2 if diff else 0
+            if isinstance(cal, CalibrationSet):
+                chosen, why = cal.select(sig, fam, cfg)
+                if chosen is not None and diff:
+                    chosen, why = None, f"was made for another model ({diff})"
+                if chosen is None:
+                    notes.append((rank, f"{name}: {why}"))
+                    continue
+                matches.append(("interpolated" not in chosen.info, mtime, path, chosen))
+                continue
             try:
                 check_calibration(cal, method, sig, fam)
             except CalibrationMismatch as e:
@@ -125,11 +148,11 @@ class Library:
             if why:
                 notes.append((rank, f"{name}: {why}"))
                 continue
-            matches.append((mtime, path, cal))
+            matches.append((True, mtime, path, cal))
         notes = [text for _, text in sorted(notes, key=lambda n: n[0])]
         if not matches:
             return None, None, notes
-        _, path, cal = max(matches, key=lambda m: (m[0], m[1]))
+        *_, path, cal = max(matches, key=lambda m: m[:3])
         return cal, path, notes
 
     def unreported_damage(self):

@@ -43,6 +43,70 @@ def check_request(steps=None, cfg=None, width=None, height=None, batch_size=None
         check_filename(filename)
 
 
+MAX_ENTRIES = 200  # (steps, cfg, denoise) combinations one calibration may fit
+
+
+def _numbers(text, label, convert):
+    out = []
+    for part in str(text).replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+        try:
+            out.append((convert(lo.strip()), convert(hi.strip())) if sep else (convert(part), None))
+        except ValueError:
+            raise RequestError(f"{label} {text!r} is not understood: write numbers separated by commas, or a range "
+                               "like 4-12") from None
+    return out
+
+
+def parse_steps(text, steps):
+    """The step counts of a request: ``steps`` plus those in ``text`` ("4-12", "6, 8, 10", "" for none)."""
+    out = {int(steps)} if steps is not None else set()
+    for lo, hi in _numbers(text, "steps list", int):
+        out.update(range(lo, hi + 1) if hi is not None else [lo])
+    if not out or min(out) < 1:
+        raise RequestError(f"step counts must be whole numbers of at least 1, got {sorted(out)}")
+    return sorted(out)
+
+
+def parse_cfgs(text, cfg, per_range=3):
+    """The cfg values to fit: ``cfg`` alone when ``text`` is empty, else the values in ``text`` ("3, 5.5, 8"); a
+    range "3-8" fits ``per_range`` evenly spaced values (runs in between are interpolated)."""
+    out = set()
+    for lo, hi in _numbers(text, "cfg list", float):
+        if hi is None:
+            out.add(lo)
+        elif hi <= lo:
+            raise RequestError(f"cfg range {lo:g}-{hi:g} must go from low to high")
+        else:
+            out.update(lo + (hi - lo) * k / (per_range - 1) for k in range(per_range))
+    if not out:
+        out = {float(cfg)}
+    for c in out:
+        check_request(cfg=c)
+    return sorted(round(c, 6) for c in out)
+
+
+def parse_denoises(text):
+    """The denoise values to fit ("1, 0.5, 0.3"; empty means 1 only)."""
+    out = sorted({v for v, _ in _numbers(text, "denoise list", float)} or {1.0}, reverse=True)
+    if any(hi is not None for _, hi in _numbers(text, "denoise list", float)):
+        raise RequestError("denoise values are fitted one by one: list them (e.g. 1, 0.6, 0.3), not as a range")
+    if not all(0.0 < d <= 1.0 for d in out):
+        raise RequestError(f"denoise values must be above 0 and at most 1, got {out}")
+    return out
+
+
+def check_entries(steps, cfgs, denoises):
+    n = len(steps) * len(cfgs) * len(denoises)
+    if n > MAX_ENTRIES:
+        raise RequestError(f"{len(steps)} step counts x {len(cfgs)} cfg values x {len(denoises)} denoise values make "
+                           f"{n} calibrations: at most {MAX_ENTRIES} in one file; narrow the lists")
+    return n
+
+
 def check_filename(filename):
     """The name without ".safetensors", or RequestError: letters, digits, spaces, '.', '-' or '_', no folders."""
     name = str(filename).strip()

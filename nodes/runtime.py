@@ -4,15 +4,18 @@ Everything here takes ComfyUI's objects as arguments and imports ``comfy`` only 
 construct ComfyUI classes, so the logic is testable with stand-ins.
 """
 import logging
+import math
 import os
 
 import torch
 
-from ..calibration import calibrate
+from ..calibration import CalibrationCancelled, calibrate
+from ..calibration.ranges import calibrate_range
 from ..calibration.end_to_end import normal_weights
 from ..calibration.identity import fingerprint, named_weights, tensor_digest
-from ..calibration.library import cfg_mismatch, check_model, no_match_message
-from ..samplers import SAMPLERS, Family
+from ..calibration.file import CalibrationSet
+from ..calibration.library import cfg_mismatch, check_model, no_match_message, short_no_match
+from ..samplers import SAMPLERS, CalibrationMismatch, Family
 
 log = logging.getLogger("calibrated_samplers")
 FOLDER = "calibrated_samplers"
@@ -81,6 +84,22 @@ def run_context(model):
     return patcher, family_of(patcher.get_model_object("model_sampling")), (None if cfg is None else float(cfg))
 
 
+EVENT = "calibrated_samplers.warning"  # the browser extension shows these as toasts
+
+
+def notify(message, short):
+    """Warn in the console (``message``, whole) and in the browser of the client that queued the run (``short``):
+    a run that falls back to the uncalibrated solver must not look like a normal success."""
+    log.warning(message)
+    try:
+        from server import PromptServer
+        server = PromptServer.instance
+    except (ImportError, AttributeError):  # outside a ComfyUI server (tests, scripts)
+        return
+    server.send_sync(EVENT, {"message": short, "node": getattr(server, "last_node_id", None)},
+                     getattr(server, "client_id", None))
+
+
 def dropdown_sampler(name, library):
     """The function ComfyUI's KSampler calls for ``name``: finds the matching saved calibration, or warns."""
     fn = SAMPLERS[name]
@@ -92,8 +111,8 @@ def dropdown_sampler(name, library):
             calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(patcher), cfg)
             damaged = library.unreported_damage()  # named in the warning below, or once on their own
             if calibration is None:
-                log.warning(no_match_message(name, fn.uncalibrated, sigmas, cfg, notes,
-                                             HOW_TO_CALIBRATE.format(name=name)))
+                notify(no_match_message(name, fn.uncalibrated, sigmas, cfg, notes, HOW_TO_CALIBRATE.format(name=name)),
+                       short_no_match(name, sigmas, cfg, notes, "Run the 'Fit calibration' node"))
             else:
                 log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
                 for warning in damaged:
@@ -107,6 +126,82 @@ def dropdown_sampler(name, library):
     return sample
 
 
+def sample_or_calibrate(model, x, sigmas, extra_args=None, callback=None, disable=None, method=None, library=None,
+                        folder=None, calibrate_missing=True, batch_size=16, fine_steps=6, end_to_end=False,
+                        max_minutes=0.0, **options):
+    """The SAMPLER function of the first-use node: the saved calibration matching the run, else (when
+    ``calibrate_missing``) one fitted right here on the run's own model, prompts, cfg, schedule and image, saved to
+    ``folder`` and used at once; the next run at the same setting finds the file."""
+    fn = SAMPLERS[method]
+    patcher, family, cfg = run_context(model)
+    fp = model_fingerprint(patcher)
+    calibration, path, notes = library.find(method, sigmas, family, fp, cfg)
+    if calibration is None and calibrate_missing:
+        calibration, path = first_use_calibration(model, x, sigmas, extra_args, method, patcher, family, cfg, fp,
+                                                  folder, batch_size, fine_steps, end_to_end, max_minutes)
+    if calibration is None:
+        notify(no_match_message(method, fn.uncalibrated, sigmas, cfg, notes, HOW_TO_CALIBRATE.format(name=method)),
+               short_no_match(method, sigmas, cfg, notes, "Turn on calibrate_if_missing, or run 'Fit calibration'"))
+    else:
+        log.info("[Calibrated Samplers] %s: using %s", method, os.path.basename(path))
+    return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, calibration=calibration,
+              family=family.name, shift=family.shift, **options)
+
+
+def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family, cfg, fp, folder, batch_size,
+                          fine_steps, end_to_end, max_minutes):
+    """(Calibration, path) fitted on this run, or (None, None) where a run cannot be calibrated (an inpainting
+    mask). Progress goes to the sampling node's bar; Cancel stops it and writes nothing."""
+    import comfy.model_management as mm
+    import comfy.utils
+    extra = dict(extra_args or {})
+    if extra.get("denoise_mask") is not None:
+        notify("[Calibrated Samplers] an inpainting run (with a mask) is not calibrated on first use",
+               f"{method}: an inpainting run is not calibrated on first use; it runs uncalibrated.")
+        return None, None
+    g = torch.Generator().manual_seed(int(extra.get("seed") or 0))
+    noise = torch.randn((int(batch_size),) + tuple(x.shape[1:]), generator=g).to(x.device, x.dtype)
+    image = getattr(model, "latent_image", None)  # the img2img / hires-fix image; zeros for txt2img
+    image = torch.zeros_like(noise) if image is None else image[:1].to(x.device, x.dtype).expand_as(noise).clone()
+    model_sampling = patcher.get_model_object("model_sampling")
+    states = comfy_noise_scaling(model_sampling)(sigmas[0], noise, image)
+    sigma_min = getattr(model_sampling, "sigma_min", None)
+    if end_to_end:
+        normal_weights(patcher.model)
+    bar = []
+
+    def progress(done, total):
+        if not bar:
+            bar.append(comfy.utils.ProgressBar(total))
+        bar[0].update_absolute(done, total)
+    steps = len(sigmas) - 1
+    digest = tensor_digest(torch.as_tensor(sigmas, dtype=torch.float64).cpu())[:8]
+    path = os.path.join(folder, f"auto_{method}_{steps}steps_cfg{cfg if cfg is not None else 0:g}_{fp['id'][-8:]}_"
+                                f"{digest}.safetensors")
+    log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s)",
+             method, batch_size, os.path.basename(path))
+    try:
+        cal = calibrate(model, sigmas.detach().cpu().double(), method, states, extra, family=family.name,
+                        shift=family.shift, fine_steps=int(fine_steps), chunk_size=max(1, x.shape[0]),
+                        sigma_min=None if sigma_min is None else float(sigma_min), end_to_end=bool(end_to_end),
+                        time_limit=60.0 * max_minutes if max_minutes else None, progress=progress,
+                        cancel=mm.processing_interrupted,
+                        info={"made_by": "ComfyUI first-use calibration", "cfg": cfg, "fingerprint": fp["id"],
+                              "fingerprint_detail": fp, "seed": int(extra.get("seed") or 0),
+                              "schedule": "the run's own sigmas", "latent_shape": list(x.shape[1:])})
+    except CalibrationCancelled:
+        mm.throw_exception_if_processing_interrupted()
+        raise mm.InterruptProcessingException()
+    try:
+        cal.save(path, replace=False)
+    except FileExistsError:  # the same setting calibrated by another run a moment ago: both are valid
+        pass
+    notify(f"[Calibrated Samplers] {method}: calibrated this run's setting and wrote {path}",
+           f"{method}: no file fitted this setting, so it was calibrated now and saved as {os.path.basename(path)}; "
+           "later runs at this setting use it.")
+    return cal, path
+
+
 def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=None, calibration=None,
                       allow_other_model=False, label="calibration", **options):
     """The SAMPLER function of the calibrated-sampler nodes: one given calibration, checked against the model."""
@@ -114,9 +209,15 @@ def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=
     message = check_model(calibration, model_fingerprint(patcher), allow_other_model, label)
     if message:
         log.warning("[Calibrated Samplers] %s (allowed by allow_other_model)", message)
+    if isinstance(calibration, CalibrationSet):
+        chosen, why = calibration.select(sigmas, family, cfg)
+        if chosen is None:
+            raise CalibrationMismatch(f"{label} {why}")
+        calibration = chosen
     why = cfg_mismatch(calibration, cfg)
     if why:
-        log.warning("[Calibrated Samplers] %s %s: the correction may not fit; calibrate at this cfg", label, why)
+        notify(f"[Calibrated Samplers] {label} {why}: the correction may not fit; calibrate at this cfg",
+               f"{label} {why}: the correction may not fit. Calibrate at this cfg (or over a cfg range).")
     return SAMPLERS[calibration.method](model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                        calibration=calibration, family=family.name, shift=family.shift, **options)
 
@@ -124,10 +225,24 @@ def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=
 class CalibrationJob:
     """What the Calibrate node hands its sampler function, and what comes back."""
 
-    def __init__(self, method, noise, first_noise, prompts, fit_options, info, progress=None, cancel=None):
+    def __init__(self, method, noise, first_noise, prompts, fit_options, info, progress=None, cancel=None,
+                 spread=None):
         self.method, self.noise, self.first_noise, self.prompts = method, noise, first_noise, prompts
         self.fit_options, self.info, self.progress, self.cancel = fit_options, info, progress, cancel
+        self.spread = spread  # None, or calibrate_range's steps, cfgs, denoises, schedule and noise_scaling
         self.result = None
+
+
+def comfy_noise_scaling(model_sampling):
+    """A run's start state as ComfyUI's sampling makes it (pure noise at the top sigma is scaled differently)."""
+    sigma_max = float(getattr(model_sampling, "sigma_max", float("inf")))
+
+    def scale(sigma, noise, image):
+        sigma = float(sigma)
+        top = math.isclose(sigma_max, sigma, rel_tol=1e-5) or sigma > sigma_max
+        return model_sampling.noise_scaling(torch.tensor(sigma, dtype=noise.dtype, device=noise.device), noise, image,
+                                            top)
+    return scale
 
 
 def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, disable=None, job=None):
@@ -153,6 +268,21 @@ def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, dis
 
     conditions = [dict(extra_args or {}, prompt=k) for k in range(job.prompts)]
     info = dict(job.info, cfg=cfg, fingerprint=fp["id"], fingerprint_detail=fp)
+    if job.spread is not None:
+        def with_cfg(value):
+            guider.cfg = value  # the guider combines the prompts at its cfg when the denoiser is called
+            return denoiser, conditions
+        spread = dict(job.spread)
+        schedule = spread.pop("schedule")
+        try:
+            job.result = calibrate_range(
+                denoiser, schedule, job.method, job.noise.to(x.device, x.dtype), with_cfg=with_cfg,
+                family=family.name, shift=family.shift, sigma_min=None if sigma_min is None else float(sigma_min),
+                progress=job.progress, cancel=job.cancel, info=dict(info, primary={"steps": len(sigmas) - 1, "cfg": cfg}),
+                **spread, **job.fit_options)
+        finally:
+            guider.cfg = cfg
+        return x
     job.result = calibrate(denoiser, sigmas, job.method, states, conditions, family=family.name, shift=family.shift,
                            sigma_min=None if sigma_min is None else float(sigma_min), progress=job.progress,
                            cancel=job.cancel, info=info, **job.fit_options)

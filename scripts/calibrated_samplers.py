@@ -89,9 +89,10 @@ def file_hash(path):
 class Job:
     """A calibration request, picked up by the next call of the requested sampler (under the web UI's queue lock)."""
 
-    def __init__(self, method, noise, prompts, fit_options, info, progress=None, cancel=None):
+    def __init__(self, method, noise, prompts, fit_options, info, progress=None, cancel=None, spread=None):
         self.method, self.noise, self.prompts, self.fit_options, self.info = method, noise, prompts, fit_options, info
         self.progress, self.cancel, self.result = progress, cancel, None
+        self.spread = spread  # None, or calibrate_range's steps, cfgs and denoises
 
 
 _pending = threading.local()
@@ -105,7 +106,7 @@ def pending_job(method):
 def make_sampler(name, library, env):
     """The k-diffusion-style function the web UI calls for ``name``. ``env`` gives the web UI's state
     (``sd_model()``, ``sgm_noise_multiplier()``, ``conds(p, prompt, batch)``) so tests can stand in for it."""
-    from calibrated_samplers.calibration.library import no_match_message
+    from calibrated_samplers.calibration.library import no_match_message, short_no_match
     from calibrated_samplers.samplers import SAMPLERS
     fn = SAMPLERS[name]
 
@@ -120,16 +121,29 @@ def make_sampler(name, library, env):
         calibration = None
         if fn.kind != "plain":
             cfg = extra_args.get("cond_scale")
+            if getattr(p, "is_hr_pass", False) and getattr(p, "hr_cfg", None) is not None:
+                cfg = float(p.hr_cfg)  # Forge's hires pass guides at its own "Hires CFG Scale", not cond_scale
             calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg)
             damaged = library.unreported_damage()
             if calibration is not None:
                 for warning in damaged:
                     log.warning(warning)
+            first_use = env.first_use() if calibration is None else None
+            if first_use and p is not None and not getattr(p, "is_hr_pass", False) and not getattr(
+                    p, "init_images", None):  # txt2img: x is pure noise, so the run can be calibrated as is
+                calibration, path = fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, cfg,
+                                                     first_use)
+                p.comment(f"{LABELS[name]}: no file fitted this setting, so it was calibrated now and saved as "
+                          f"{os.path.basename(path)}; later runs at this setting use it.")
             if calibration is None:
                 log.warning(no_match_message(
                     LABELS[name], fn.uncalibrated, sigmas, cfg, notes,
                     f"use the 'Calibrated Samplers' tab or POST /calibrated-samplers/calibrate (files go to models/{FOLDER})"))
                 note = f"none: uncalibrated, {fn.uncalibrated}"
+                if p is not None and hasattr(p, "comment"):  # shown under the image, not only in the console
+                    p.comment(short_no_match(LABELS[name] + (" (hires pass)" if getattr(p, "is_hr_pass", False)
+                                                               else ""), sigmas, cfg, notes,
+                                             "Calibrate in the 'Calibrated Samplers' tab"))
             else:
                 note = f"{os.path.basename(path)} ({file_hash(path)})"
             if p is not None:  # hires fix's second pass gets a line of its own, after the first pass's
@@ -139,6 +153,43 @@ def make_sampler(name, library, env):
 
     sample.__name__ = f"sample_{name}"
     return sample
+
+
+def fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, cfg, settings):
+    """Calibrate this txt2img run's own setting (prompt, cfg, schedule) at a small batch, save it, return it with its
+    path. ``settings``: batch_size and fine_steps (the web UI's options)."""
+    import torch
+    from calibrated_samplers.calibration import calibrate
+    batch = x.shape[0]
+    s0 = float(sigmas[0])
+    scale = s0 if family.name == "flow" or not env.sgm_noise_multiplier() else math.sqrt(1.0 + s0 * s0)
+    g = torch.Generator().manual_seed(int(settings.get("seed", 0)))
+    states = torch.randn((int(settings["batch_size"]),) + tuple(x.shape[1:]), generator=g).to(x.device, x.dtype) * scale
+    step = getattr(model, "step", None)  # the web UI's denoiser counts its calls (prompt editing): keep it
+
+    def denoiser(xs, sigma):
+        m = xs.shape[0]
+        if m < batch:
+            xs, sigma = torch_cat_pad(xs, batch), torch_cat_pad(sigma.reshape(-1), batch)
+        return model(xs, sigma, **extra_args)[:m]
+    fp = model_fingerprint(sd_model)
+    try:
+        cal = calibrate(denoiser, sigmas, name, states, family=family.name, shift=family.shift,
+                        fine_steps=int(settings["fine_steps"]), chunk_size=batch, end_to_end=False,
+                        info={"made_by": "web UI first-use calibration", "cfg": cfg, "fingerprint": fp["id"],
+                              "fingerprint_detail": fp, "latent_shape": list(x.shape[1:])})
+    finally:
+        if step is not None:
+            model.step = step
+    digest = hashlib.sha256(str([round(float(v), 6) for v in sigmas]).encode()).hexdigest()[:8]
+    path = os.path.join(env.folder(), f"auto_{name}_{len(sigmas) - 1}steps_cfg{cfg or 0:g}_{fp['id'][-8:]}_{digest}"
+                                      ".safetensors")
+    try:
+        cal.save(path, replace=False)
+    except FileExistsError:
+        pass
+    print(f"[Calibrated Samplers] {LABELS[name]}: calibrated this run's setting on first use, wrote {path}")
+    return cal, path
 
 
 def calibration_run(model, x, sigmas, extra_args, job, env, p):
@@ -169,7 +220,31 @@ def calibration_run(model, x, sigmas, extra_args, job, env, p):
         return model(xs, sigma, cond=conds[prompt], **fixed)[:m]
 
     fp = model_fingerprint(sd_model)
-    info = dict(job.info, cfg=float(extra_args.get("cond_scale", 1.0)), fingerprint=fp["id"], fingerprint_detail=fp)
+    cfg = float(extra_args.get("cond_scale", 1.0))
+    info = dict(job.info, cfg=cfg, fingerprint=fp["id"], fingerprint_detail=fp)
+    if job.spread is not None:
+        from calibrated_samplers.calibration.ranges import calibrate_range, denoise_schedule, img2img_schedule
+        sgm = env.sgm_noise_multiplier()
+
+        def with_cfg(value):
+            fixed["cond_scale"] = value
+            return denoiser, [{"prompt": k} for k in range(len(job.prompts))]
+
+        def noise_scaling(sigma, noise, image):  # as the web UI's txt2img, img2img and hires fix start
+            sigma = float(sigma)
+            if family.name == "flow":
+                return sigma * noise + (1.0 - sigma) * image
+            top = abs(sigma - s0) <= 1e-6 * s0  # txt2img's start: its own scaling of pure noise
+            return noise * (math.sqrt(1.0 + sigma * sigma) if top and sgm else sigma) + image
+        try:
+            job.result = calibrate_range(
+                denoiser, env.schedule(p), job.method, job.noise.to(x.device, x.dtype), with_cfg=with_cfg,
+                noise_scaling=noise_scaling, denoise_rules=(denoise_schedule, img2img_schedule), family=family.name,
+                shift=family.shift, progress=job.progress, cancel=job.cancel, chunk_size=batch,
+                info=dict(info, primary={"steps": len(sigmas) - 1, "cfg": cfg}), **job.spread, **job.fit_options)
+        finally:
+            fixed["cond_scale"] = cfg
+        return x
     job.result = calibrate(denoiser, sigmas, job.method, states, [{"prompt": k} for k in range(len(job.prompts))],
                            family=family.name, shift=family.shift, progress=job.progress, cancel=job.cancel,
                            info=info, chunk_size=batch, **job.fit_options)
@@ -197,6 +272,19 @@ class WebUI:
         from modules import prompt_parser, shared
         prompts = prompt_parser.SdConditioning([prompt] * batch, width=p.width, height=p.height)
         return prompt_parser.get_multicond_learned_conditioning(shared.sd_model, prompts, p.steps)
+
+    def first_use(self):
+        """None, or the settings of first-use calibration when the web UI's option turns it on."""
+        from modules import shared
+        if not getattr(shared.opts, "calibrated_samplers_first_use", False):
+            return None
+        return {"batch_size": int(getattr(shared.opts, "calibrated_samplers_first_use_batch", 16)), "fine_steps": 6}
+
+    def schedule(self, p):
+        """n -> the sigmas the web UI samples ``p`` on at n steps (its scheduler and options)."""
+        from modules import sd_samplers
+        sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+        return lambda n: sampler.get_sigmas(p, int(n)).cpu().double()
 
     def denoiser_module(self, sd_model):
         """The torch module that holds the denoiser's weights (Forge's unet model, A1111's model), or None."""
@@ -251,12 +339,15 @@ def register(library, env):
 
 def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts, negative_prompt="",
                        batch_size=32, fine_steps=10, seed=0, filename="", chunk_size=4, overwrite=False,
-                       on_progress=None):
-    """Calibrate the loaded checkpoint (under the web UI's queue lock); returns (Calibration, path).
-    ``on_progress(done, total)``: also told of each step of the work (the tab's progress bar)."""
+                       on_progress=None, more_steps="", cfg_list="", denoise_list="", end_to_end=True):
+    """Calibrate the loaded checkpoint (under the web UI's queue lock); returns (Calibration or CalibrationSet,
+    path). ``on_progress(done, total)``: also told of each step of the work (the tab's progress bar).
+    ``more_steps``, ``cfg_list``, ``denoise_list``: one file for several settings (calibration.requests); denoise
+    values are fitted as img2img and as hires fix cut the schedule."""
     import torch
     from modules import call_queue, processing, shared
-    from calibrated_samplers.calibration.requests import check_request, output_path
+    from calibrated_samplers.calibration.requests import (check_entries, check_request, output_path, parse_cfgs,
+                                                          parse_denoises, parse_steps)
     if method not in LABELS or method == "gddim":
         raise ValueError(f"method must be one of {[m for m in LABELS if m != 'gddim']}, got {method!r}")
     prompts = [q for q in (prompts if isinstance(prompts, (list, tuple)) else [prompts]) if q and q.strip()]
@@ -265,6 +356,11 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     filename = filename or f"{method}_{steps}_{scheduler}_cfg{cfg:g}"
     check_request(steps=steps, cfg=cfg, width=width, height=height, batch_size=batch_size, prompts=len(prompts),
                   filename=filename)
+    spread = {"steps": parse_steps(more_steps, steps), "cfgs": parse_cfgs(cfg_list, cfg),
+              "denoises": parse_denoises(denoise_list)}
+    check_entries(**spread)
+    if sum(len(v) for v in spread.values()) == 3:
+        spread = None  # one setting: a plain file, as before
     known = env.schedulers()
     if scheduler not in known:  # the web UI would quietly run its Automatic instead, under this file's label
         raise ValueError(f"unknown scheduler {scheduler!r}: use one of {', '.join(known)}")
@@ -290,10 +386,11 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         forge = getattr(shared.sd_model, "forge_objects", None)
         channels, factor = (int(forge.vae.latent_channels) if forge is not None else 4), 8  # as processing.py
         noise = torch.randn((int(batch_size), channels, int(height) // factor, int(width) // factor), generator=g)
-        info = {"made_by": "web UI calibrate", "schedule": f"{scheduler}, {steps} steps", "seed": int(seed),
-                "prompts": len(prompts), "latent_shape": list(noise.shape[1:])}
-        job = Job(method, noise, prompts, {"fine_steps": int(fine_steps)}, info, progress,
-                  lambda: bool(shared.state.interrupted))
+        counts = spread["steps"] if spread else [steps]
+        info = {"made_by": "web UI calibrate", "schedule": f"{scheduler}, {', '.join(map(str, counts))} steps",
+                "seed": int(seed), "prompts": len(prompts), "latent_shape": list(noise.shape[1:])}
+        job = Job(method, noise, prompts, {"fine_steps": int(fine_steps), "end_to_end": bool(end_to_end)}, info, progress,
+                  lambda: bool(shared.state.interrupted), spread)
         _pending.job = job
         started = time.time()
         shared.state.begin(job="calibrated_samplers")
@@ -305,7 +402,8 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         if job.result is None:
             raise InterruptedError("calibration was interrupted: nothing was written")
         job.result.save(path, replace=bool(overwrite))
-    print(f"[Calibrated Samplers] wrote {path} ({job.result.method}, {steps} steps {scheduler}, cfg {cfg:g}) "
+    what = (f"{len(job.result)} calibrations: {job.result.summary()}" if spread else f"{steps} steps, cfg {cfg:g}")
+    print(f"[Calibrated Samplers] wrote {path} ({job.result.method}, {scheduler}, {what}) "
           f"in {time.time() - started:.0f} s")
     return job.result, path
 
@@ -329,15 +427,23 @@ def add_api(app, env, library):
         filename: str = ""
         chunk_size: int = 4
         overwrite: bool = False
+        more_steps: str = ""
+        cfg_list: str = ""
+        denoise_list: str = ""
+        end_to_end: bool = True
 
     def calibrate_route(req: CalibrateRequest):
+        from calibrated_samplers.calibration.file import CalibrationSet
         try:
-            cal, path = calibrate_in_webui(env, **req.dict())
+            result, path = calibrate_in_webui(env, **req.dict())
         except InterruptedError as e:
             raise HTTPException(status_code=409, detail=str(e))
         except (ValueError, FileExistsError) as e:
             raise HTTPException(status_code=400, detail=str(e))
+        cal = result.primary() if isinstance(result, CalibrationSet) else result
         return {"file": os.path.basename(path), "path": path, "hash": file_hash(path), "method": cal.method,
+                "entries": len(result) if isinstance(result, CalibrationSet) else 1,
+                "serves": result.summary() if isinstance(result, CalibrationSet) else None,
                 "sigmas": [float(s) for s in cal.sigmas], "fingerprint": cal.info.get("fingerprint"),
                 "residual_before": None if cal.residual_before is None else cal.residual_before.tolist(),
                 "residual_after": None if cal.residual_after is None else cal.residual_after.tolist()}
@@ -351,7 +457,7 @@ def add_api(app, env, library):
 
 
 def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed,
-                 filename, overwrite, progress=None):
+                 filename, overwrite, progress=None, more_steps="", cfg_list="", denoise_list=""):
     """The tab's Calibrate button: the method by its name in the sampler list, prompts one per line;
     returns (message, residual picture or None). ``progress(fraction, desc=...)``: Gradio's progress bar."""
     from calibrated_samplers.calibration.picture import residual_image
@@ -361,12 +467,16 @@ def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, nega
         if progress is not None and total:
             progress(done / total, desc=f"calibrating {LABELS.get(method, method)}")
     try:
-        cal, path = calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts.splitlines(),
-                                       negative, batch_size, fine_steps, seed, filename, overwrite=overwrite,
-                                       on_progress=on_progress)
+        result, path = calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts.splitlines(),
+                                          negative, batch_size, fine_steps, seed, filename, overwrite=overwrite,
+                                          on_progress=on_progress, more_steps=more_steps, cfg_list=cfg_list,
+                                          denoise_list=denoise_list)
     except (ValueError, FileExistsError, InterruptedError) as e:
         return f"Not calibrated: {e}", None
-    return f"Wrote {path}", (residual_image(cal).numpy() * 255).astype("uint8")
+    if hasattr(result, "entries"):
+        return (f"Wrote {path}: {len(result)} calibrations, {result.summary()}",
+                (residual_image(result.primary()).numpy() * 255).astype("uint8"))
+    return f"Wrote {path}", (residual_image(result).numpy() * 255).astype("uint8")
 
 
 def ui_tab(env):
@@ -377,9 +487,9 @@ def ui_tab(env):
     schedulers = [s.label for s in sd_schedulers.schedulers]
 
     def run(method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed, filename,
-            overwrite, progress=gr.Progress()):
+            overwrite, more_steps, cfg_list, denoise_list, progress=gr.Progress()):
         return run_from_tab(env, method, steps, scheduler, cfg, width, height, prompts, negative, batch_size,
-                            fine_steps, seed, filename, overwrite, progress)
+                            fine_steps, seed, filename, overwrite, progress, more_steps, cfg_list, denoise_list)
 
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
@@ -397,6 +507,11 @@ def ui_tab(env):
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 filename = gr.Textbox(label="File name (models/calibrated_samplers/<name>.safetensors)")
                 overwrite = gr.Checkbox(False, label="Overwrite")
+                with gr.Accordion("More settings in the same file (each costs a calibration)", open=False):
+                    more_steps = gr.Textbox(label="More step counts (e.g. 4-12 or 6, 10, 20)")
+                    cfg_list = gr.Textbox(label="CFG values (e.g. 3, 5.5, 8, or 3-8 for three): between them it "
+                                                "interpolates")
+                    denoise_list = gr.Textbox(label="Denoising strengths for img2img and hires fix (e.g. 1, 0.7, 0.5)")
                 with gr.Row():
                     go = gr.Button("Calibrate", variant="primary")
                     stop = gr.Button("Interrupt")
@@ -404,10 +519,22 @@ def ui_tab(env):
                 status = gr.Textbox(label="Result")
                 picture = gr.Image(label="Held-out error per step and at the end, base and calibrated")
         go.click(run, [method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed,
-                       filename, overwrite], [status, picture])
+                       filename, overwrite, more_steps, cfg_list, denoise_list], [status, picture])
         # the calibration checks the web UI's interrupt flag between chunks and then writes nothing
         stop.click(lambda: shared.state.interrupt(), [], [])
     return [(tab, "Calibrated Samplers", "calibrated_samplers")]
+
+
+def add_settings():
+    import gradio as gr
+    from modules import shared
+    section = ("calibrated_samplers", "Calibrated Samplers")
+    shared.opts.add_option("calibrated_samplers_first_use", shared.OptionInfo(
+        False, "Calibrate on first use: a txt2img run with a calibrated sampler that no file fits is calibrated on its "
+        "own prompt, cfg and schedule first (slower once), saved, then sampled", section=section))
+    shared.opts.add_option("calibrated_samplers_first_use_batch", shared.OptionInfo(
+        16, "Noises for a first-use calibration", gr.Slider, {"minimum": 3, "maximum": 256, "step": 1},
+        section=section))
 
 
 def setup():
@@ -423,6 +550,7 @@ def setup():
     added = register(library, env)
     script_callbacks.on_app_started(lambda demo, app: add_api(app, env, library))
     script_callbacks.on_ui_tabs(lambda: ui_tab(env))
+    script_callbacks.on_ui_settings(add_settings)
     if added:
         print(f"[Calibrated Samplers] added {len(added)} samplers; calibrations in {env.folder()}")
     return added

@@ -16,7 +16,8 @@ from ..calibration.testbed.analytic import GaussianMixture, karras
 
 
 class EPS:
-    pass
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):  # ComfyUI's, for a 0-d sigma
+        return noise * ((1.0 + sigma ** 2) ** 0.5 if max_denoise else sigma) + latent_image
 
 
 class V_PREDICTION(EPS):
@@ -28,7 +29,8 @@ class EDM(V_PREDICTION):
 
 
 class CONST:
-    pass
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        return sigma * noise + (1.0 - sigma) * latent_image
 
 
 class ModelSamplingDiscrete(EPS):
@@ -138,7 +140,8 @@ class Interrupted(Exception):
 
 def install(monkeypatch, base_dir, interrupted=lambda: False):
     """Put stand-in ``comfy``, ``comfy.samplers``, ``comfy.k_diffusion.sampling``, ``comfy.utils``,
-    ``comfy.model_management`` and ``folder_paths`` modules in sys.modules for one test."""
+    ``comfy.model_management``, ``folder_paths`` and ``server`` modules in sys.modules for one test; the
+    server's messages to the browser are kept in ``.sent``."""
     comfy = types.ModuleType("comfy")
     samplers = types.ModuleType("comfy.samplers")
     samplers.KSAMPLER_NAMES = ["euler", "dpmpp_2m", "ipndm"]
@@ -193,10 +196,20 @@ def install(monkeypatch, base_dir, interrupted=lambda: False):
         return path
     fp.get_folder_paths, fp.get_filename_list = get_folder_paths, get_filename_list
     fp.get_full_path, fp.get_full_path_or_raise = get_full_path, get_full_path_or_raise
+    server = types.ModuleType("server")
+    sent = []
+
+    class PromptServer:
+        client_id, last_node_id = "client-1", "7"
+
+        def send_sync(self, event, data, sid=None):
+            sent.append((event, data, sid))
+    PromptServer.instance = PromptServer()
+    server.PromptServer = PromptServer
     comfy.samplers, comfy.k_diffusion, comfy.utils, comfy.model_management = samplers, k_diffusion, utils, mm
     k_diffusion.sampling = k_sampling
     for name, mod in {"comfy": comfy, "comfy.samplers": samplers, "comfy.k_diffusion": k_diffusion,
                       "comfy.k_diffusion.sampling": k_sampling, "comfy.utils": utils,
-                      "comfy.model_management": mm, "folder_paths": fp}.items():
+                      "comfy.model_management": mm, "folder_paths": fp, "server": server}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    return types.SimpleNamespace(samplers=samplers, k_sampling=k_sampling, folder_paths=fp, bars=bars)
+    return types.SimpleNamespace(samplers=samplers, k_sampling=k_sampling, folder_paths=fp, bars=bars, sent=sent)

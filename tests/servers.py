@@ -88,6 +88,24 @@ def link_models(src_models, dst_models, extra_checkpoints=()):
             os.symlink(path, os.path.join(ckpts, os.path.basename(path)))
 
 
+WS_LISTENER = """
+import asyncio, json, sys
+import aiohttp
+
+async def main(url, client_id, event):
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{url}?clientId={client_id}") as ws:
+            print("connected", flush=True)
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(msg.data)
+                    if data.get("type") == event:
+                        print(json.dumps(data["data"]), flush=True)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
 class Comfy(Server):
     @classmethod
     def start(cls, base, extra_checkpoints=()):
@@ -105,8 +123,8 @@ class Comfy(Server):
         server.wait_up("/system_stats")
         return server
 
-    def queue(self, prompt):
-        status, raw = self.http("POST", "/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    def queue(self, prompt, client_id=None):
+        status, raw = self.http("POST", "/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
         body = json.loads(raw)
         if status != 200:
             raise AssertionError(f"validation failed: {json.dumps(body, indent=1)[:3000]}")
@@ -122,11 +140,27 @@ class Comfy(Server):
         self.http("POST", "/interrupt")
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout}s")
 
-    def run(self, prompt):
+    def run(self, prompt, client_id=None):
         start = os.path.getsize(self.log)
-        entry = self.wait(self.queue(prompt))
+        entry = self.wait(self.queue(prompt, client_id))
         entry["log"] = self.log_since(start)
         return entry
+
+    def run_watched(self, prompt, event):
+        """Run ``prompt`` as a browser would, connected to the server's websocket; also returns the ``event``
+        messages that browser received (read by ComfyUI's own Python with aiohttp, a ComfyUI requirement)."""
+        client_id = uuid.uuid4().hex
+        listener = subprocess.Popen([COMFY_PYTHON, "-c", WS_LISTENER, self.url.replace("http", "ws", 1) + "/ws",
+                                     client_id, event], stdout=subprocess.PIPE, text=True)
+        try:
+            ready = listener.stdout.readline()
+            assert ready.strip() == "connected", ready
+            entry = self.run(prompt, client_id)
+            time.sleep(1.0)  # messages are sent from the server's loop after the node returns
+        finally:
+            listener.terminate()
+        out = listener.communicate(timeout=30)[0]
+        return entry, [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def image(self, entry, node):
         img = entry["outputs"][node]["images"][0]

@@ -30,3 +30,20 @@ def test_module_entry_point_and_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="cannot take exactly"):
         main(["calibrate", "--model", "analytic-edm", "--sampler", "iia_edm", "--evaluations", "0", "--out",
               str(tmp_path / "x.safetensors")])
+
+
+def test_calibrate_a_range_file_and_inspect_every_entry(tmp_path, capsys):
+    out = tmp_path / "range.safetensors"
+    main(["calibrate", "--model", "analytic-eps", "--sampler", "iia_ddim", "--steps", "3", "--more-steps", "4",
+          "--cfg-list", "1.5, 3", "--batch", "32", "--fine-steps", "2", "--no-end-to-end", "--quiet",
+          "--out", str(out)])
+    said = capsys.readouterr().out
+    cal = load(out)
+    assert len(cal) == 4 and sorted((c.steps, c.info["cfg"]) for c in cal.entries) == [
+        (3, 1.5), (3, 3.0), (4, 1.5), (4, 3.0)]
+    assert "4 calibrations (steps 3-4" not in said and "4 calibrations (steps 3, 4 at denoise 1, cfg 1.5-3" in said
+    main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert text.startswith("range file: iia_ddim, 4 calibrations") and text.count("--- entry") == 4
+    with pytest.raises(SystemExit, match="list them"):
+        main(["calibrate", "--model", "analytic-eps", "--denoise-list", "0.3-0.8", "--out", str(tmp_path / "x")])

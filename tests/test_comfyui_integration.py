@@ -91,7 +91,7 @@ def test_the_frontend_extension_is_served(server):
     ours = [u for u in listed if u.endswith("/calibrated_samplers.js")]
     assert len(ours) == 1, listed
     status, body = server.http("GET", ours[0])
-    assert status == 200 and b"CalibratedSamplersSamplerFromFile" in body
+    assert status == 200 and b"CalibratedSamplersSamplerFromFile" in body and b"calibrated_samplers.warning" in body
 
 
 def test_shipped_ui_workflows_are_the_api_sources(server):
@@ -122,15 +122,36 @@ def test_ksampler_dropdown_finds_the_file_and_differs_from_the_base(server, eps_
     a, b = server.image(calibrated, "9"), server.image(base, "9")
     assert (a != b).any()
     # another cfg has no calibration: the base solver runs, said in the console, and matches ComfyUI's own dpmpp_2m
+    # the browser that queued it gets a warning (the frontend extension shows it as a toast)
     other_cfg = example("ksampler_with_saved_calibration")
     other_cfg["3"]["inputs"]["cfg"] = 3.0
-    fallback = server.run(other_cfg)
+    fallback, warnings = server.run_watched(other_cfg, "calibrated_samplers.warning")
     assert "no calibration file matches this model" in fallback["log"]
     assert "eps_a.safetensors: was made for cfg 5, this run uses cfg 3" in fallback["log"]
+    assert len(warnings) == 1 and "UNCALIBRATED" in warnings[0]["message"], warnings
+    assert "eps_a.safetensors: was made for cfg 5" in warnings[0]["message"] and warnings[0]["node"] == "3"
     stock = example("ksampler_with_saved_calibration")
     stock["3"]["inputs"].update(cfg=3.0, sampler_name="dpmpp_2m")
     stock = server.run(stock)
     assert abs(server.image(fallback, "9") - server.image(stock, "9")).max() <= 1
+
+
+def test_a_range_file_serves_other_steps_and_cfgs_between_its_fitted_ones(server, eps_run):
+    """One Calibrate run over more_steps and cfg_list: KSampler finds the file at a step count other than the node's
+    and at a cfg between the fitted ones (interpolated), and outside the range warns and runs the base."""
+    fit = server.run(example("calibrate_then_sample", filename="eps_range", more_steps="6", cfg_list="4, 6",
+                             end_to_end=False))
+    assert fit["status"]["status_str"] == "success", error_of(fit)
+    cal = load(os.path.join(server.folder, "eps_range.safetensors"))
+    assert sorted((c.steps, c.info["cfg"]) for c in cal.entries) == [(6, 4.0), (6, 6.0), (8, 4.0), (8, 6.0)]
+    run = example("ksampler_with_saved_calibration")  # 6 steps: the 8-step eps_a.safetensors cannot match
+    run["3"]["inputs"].update(steps=6, cfg=5.0)
+    served = server.run(run)
+    assert "iia_dpmpp_2m: using eps_range.safetensors" in served["log"], served["log"]
+    run["3"]["inputs"].update(cfg=7.0)
+    outside, warnings = server.run_watched(run, "calibrated_samplers.warning")
+    assert "eps_range.safetensors: was fitted for cfg 4-6 at this schedule, this run uses cfg 7" in outside["log"]
+    assert len(warnings) == 1 and "fitted for cfg 4-6" in warnings[0]["message"]
 
 
 def test_flow_model_calibrates_and_samples(server, flow_run):

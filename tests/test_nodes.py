@@ -412,7 +412,7 @@ def test_classic_nodes_declare_inputs_and_outputs(comfy):
     assert types["required"]["method"][0] == [n for n, f in SAMPLERS.items() if f.kind != "plain"]
     assert types["required"]["seed"][1]["control_after_generate"] is True
     assert set(types["optional"]) == {"negative", "latent", "sigmas", "chunk_size", "overwrite", "end_to_end",
-                                      "learn_sigmas", "max_minutes"}
+                                      "learn_sigmas", "max_minutes", "more_steps", "cfg_list", "denoise_list"}
     assert calib.RETURN_TYPES == ("CALIBRATION", "SIGMAS", "IMAGE") and calib.OUTPUT_NODE
     assert names["CalibratedSamplersCalibrate"] == "Fit calibration (run once, saves a file)"
     assert classes["CalibratedSamplersSampler"].RETURN_TYPES == ("SAMPLER", "SIGMAS")
@@ -446,6 +446,101 @@ def test_calibrate_node_writes_a_file_the_sampler_nodes_use(comfy, tmp_path):
     guider.active_prompt = 1
     out = sampler.sampler_function(cs.Denoiser(guider), x, sig, **sampler.extra_options)
     assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](cs.Denoiser(guider), x, sig, calibration=saved))
+
+
+def test_calibrate_node_over_ranges_writes_one_file_that_every_listed_setting_finds(comfy, tmp_path):
+    """more_steps, cfg_list and denoise_list: one file; KSampler's dropdown finds it at each step count and denoise,
+    interpolates between the fitted cfgs, and outside them runs the base solver with a toast in the browser."""
+    from calibrated_samplers.calibration.file import CalibrationSet
+    from calibrated_samplers.calibration.ranges import denoise_schedule
+    from calibrated_samplers.nodes import pack
+    pack.register_folder()
+    patcher = cs.Patcher()
+    result, sigmas, image = pack.calibrate_node(
+        patcher, [["p0", {}], ["p1", {}]], 2.0, "iia_dpmpp_2m", "karras", 4, 3, 8, 0, "spread", 32, 32,
+        negative=[["n", {}]], chunk_size=4, end_to_end=False, more_steps="5", cfg_list="2, 3", denoise_list="1, 0.5")
+    saved = load(tmp_path / "models" / "calibrated_samplers" / "spread.safetensors")
+    assert isinstance(saved, CalibrationSet) and len(saved) == 8 and isinstance(result, CalibrationSet)
+    assert saved.primary().steps == 4 and saved.primary().info["cfg"] == 2.0
+    assert torch.equal(sigmas, saved.primary().sampling_sigmas.float()) and image.shape == (1, 360, 768, 3)
+    assert saved.info["schedule"] == "karras, steps 4, 5" and saved.info["fingerprint"]
+    schedule = comfy.samplers.calculate_sigmas
+    x = cs.MIXTURE.noise(4, seed=9, dtype=torch.float32)
+    for steps, denoise, cfg in [(4, 1.0, 2.0), (5, 1.0, 2.5), (5, 0.5, 3.0), (4, 0.5, 2.2)]:
+        sig = denoise_schedule(lambda n: schedule(None, "karras", n), steps, denoise).float()
+        want, why = saved.select(sig, "ve", cfg)
+        assert why is None
+        out = runtime.dropdown_sampler("iia_dpmpp_2m", pack.LIBRARY)(denoiser(patcher, cfg), x * float(sig[0]), sig)
+        assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](denoiser(patcher, cfg), x * float(sig[0]), sig,
+                                                         calibration=want))
+    assert comfy.sent == []  # nothing to warn about
+    sig = schedule(None, "karras", 4)
+    runtime.dropdown_sampler("iia_dpmpp_2m", pack.LIBRARY)(denoiser(patcher, 6.0), x * float(sig[0]), sig)
+    (event, data, client), = comfy.sent
+    assert event == "calibrated_samplers.warning" and client == "client-1" and data["node"] == "7"
+    assert "UNCALIBRATED" in data["message"] and "cfg 6" in data["message"]
+    assert "spread.safetensors: was fitted for cfg 2-3" in data["message"]
+    sampler, _ = pack.sampler_node(saved, label="spread.safetensors")  # the file node picks per run too
+    sig = schedule(None, "karras", 5)
+    out = sampler.sampler_function(denoiser(patcher, 2.5), x * float(sig[0]), sig, **sampler.extra_options)
+    assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](denoiser(patcher, 2.5), x * float(sig[0]), sig,
+                                                     calibration=saved.select(sig, "ve", 2.5)[0]))
+    with pytest.raises(CalibrationMismatch, match="fitted for cfg 2-3"):
+        sampler.sampler_function(denoiser(patcher, 9.0), x * float(sig[0]), sig, **sampler.extra_options)
+    with pytest.raises(ValueError, match="SIGMAS input is one schedule"):
+        pack.calibrate_node(patcher, [["p0", {}]], 1.0, "iia_ddim", "karras", 4, 3, 8, 0, "x", 32, 32,
+                            sigmas=sig, more_steps="5")
+
+
+def test_first_use_node_calibrates_a_missing_setting_once_then_uses_the_file(comfy, tmp_path):
+    from calibrated_samplers.nodes import pack
+    pack.register_folder()
+    (sampler,) = pack.first_use_node("iia_dpmpp_2m", batch_size=12, fine_steps=3)
+    folder = tmp_path / "models" / "calibrated_samplers"
+    patcher = cs.Patcher()
+    x = cs.MIXTURE.noise(2, seed=1, dtype=torch.float32) * float(SIGMAS[0])
+    args = {"seed": 5, "denoise_mask": None, "model_options": {}}
+    out = sampler.sampler_function(denoiser(patcher, 3.0), x, SIGMAS, extra_args=dict(args), **sampler.extra_options)
+    (written,) = list(folder.iterdir())
+    cal = load(written)
+    assert cal.info["made_by"] == "ComfyUI first-use calibration" and cal.info["cfg"] == 3.0 and cal.info["batch"] == 12
+    assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](denoiser(patcher, 3.0), x, SIGMAS, extra_args=dict(args),
+                                                     calibration=cal))
+    assert comfy.bars and comfy.bars[-1].values[-1][0] == comfy.bars[-1].values[-1][1]  # progress reached its end
+    assert len(comfy.sent) == 1 and "calibrated now and saved as" in comfy.sent[0][1]["message"]
+    model = denoiser(patcher, 3.0)
+    sampler.sampler_function(model, x, SIGMAS, extra_args=dict(args), **sampler.extra_options)
+    assert list(folder.iterdir()) == [written] and model.calls == 6  # the file was used: one run's evaluations
+    (off,) = pack.first_use_node("iia_dpmpp_2m", calibrate_if_missing=False)
+    plain = off.sampler_function(denoiser(patcher, 4.0), x, SIGMAS, extra_args=dict(args), **off.extra_options)
+    assert torch.equal(plain, SAMPLERS["iia_dpmpp_2m"](denoiser(patcher, 4.0), x, SIGMAS, extra_args=dict(args)))
+    assert "UNCALIBRATED" in comfy.sent[-1][1]["message"] and len(list(folder.iterdir())) == 1
+
+
+def test_first_use_calibration_cancelled_writes_nothing(monkeypatch, tmp_path):
+    calls = []
+    comfy = cs.install(monkeypatch, str(tmp_path), lambda: calls.append(1) or len(calls) > 3)
+    from calibrated_samplers.nodes import pack
+    pack.register_folder()
+    (sampler,) = pack.first_use_node("iia_ddim", batch_size=12, fine_steps=3)
+    x = cs.MIXTURE.noise(2, seed=1, dtype=torch.float32) * float(SIGMAS[0])
+    with pytest.raises(cs.Interrupted):
+        sampler.sampler_function(denoiser(cs.Patcher(), 3.0), x, SIGMAS, extra_args={"seed": 0},
+                                 **sampler.extra_options)
+    folder = tmp_path / "models" / "calibrated_samplers"
+    assert not folder.exists() or not list(folder.iterdir())
+    assert comfy.sent == []
+
+
+def test_a_file_made_for_another_cfg_warns_in_the_browser(comfy, tmp_path):
+    from calibrated_samplers.nodes import pack
+    p = cs.Patcher()
+    cal = fitted(patcher=p, cfg=5.0)
+    sampler, sig = pack.sampler_node(cal, label="cfg5.safetensors")
+    x = cs.MIXTURE.noise(2, seed=1, dtype=torch.float32) * float(sig[0])
+    sampler.sampler_function(denoiser(p, 3.0), x, sig, **sampler.extra_options)
+    (event, data, _), = comfy.sent
+    assert event == "calibrated_samplers.warning" and "cfg5.safetensors was made for cfg 5" in data["message"]
 
 
 def test_cancel_writes_nothing(monkeypatch, tmp_path):

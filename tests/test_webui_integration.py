@@ -117,6 +117,23 @@ def test_hires_fix_states_both_passes(forge, calibrated):
     assert 'Hires calibration: "none: uncalibrated, the dpmpp_2m solver"' in text
 
 
+def test_a_range_file_serves_a_cfg_between_its_fitted_ones_and_the_hires_pass(forge, calibrated):
+    """cfg_list and denoise_list through the route: one file; txt2img at a cfg between the fitted ones and the hires
+    pass at the fitted denoise both find it (forge_iia.safetensors, made for cfg 5, cannot match cfg 4.5)."""
+    status, body = forge.post("/calibrated-samplers/calibrate", dict(
+        CALIBRATE, method="iia_dpmpp_2m", filename="forge_range", cfg_list="4, 6", denoise_list="1, 0.5",
+        end_to_end=False))
+    assert status == 200, body
+    assert body["entries"] == 6 and "cfg 4-6" in body["serves"]  # per cfg: txt2img, img2img's and hires fix's cut
+    info, _ = forge.txt2img(LABELS["iia_dpmpp_2m"], cfg=4.5, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                            denoising_strength=0.5, hr_second_pass_steps=4, hr_cfg=4.5,
+                            hr_additional_modules=["Use same choices"])
+    text = info["infotexts"][0]
+    assert "Calibration: forge_range.safetensors" in text and "Hires calibration: forge_range.safetensors" in text
+    info, _ = forge.txt2img(LABELS["iia_dpmpp_2m"], cfg=7.0)
+    assert 'Calibration: "none: uncalibrated' in info["infotexts"][0]
+
+
 def test_interrupt_writes_nothing(forge, calibrated):
     result = {}
 

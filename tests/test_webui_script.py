@@ -56,7 +56,9 @@ class CFGModel:
     """The web UI's CFG denoiser: conditioning is made for a fixed batch, which x must match."""
 
     def __init__(self, batch):
-        self.p = types.SimpleNamespace(extra_generation_params={}, width=64, height=64, steps=5)
+        self.comments = []
+        self.p = types.SimpleNamespace(extra_generation_params={}, width=64, height=64, steps=5,
+                                       comment=self.comments.append)  # Processing.comment: shown under the image
         self.batch, self.calls = batch, 0
 
     def __call__(self, x, sigma, cond, uncond, cond_scale, s_min_uncond, image_cond):
@@ -81,6 +83,15 @@ class Env:
 
     def denoiser_module(self, sd_model):
         return sd_model.forge_objects.unet.model.diffusion_model
+
+    def schedule(self, p):
+        return lambda n: karras(n, 0.03, 14.6)
+
+    def first_use(self):
+        return getattr(self, "first_use_settings", None)
+
+    def folder(self):
+        return self.folder_path
 
 
 def extra(batch, cfg=3.0):
@@ -141,6 +152,9 @@ def test_sampler_uses_the_matching_file_and_says_so_in_the_infotext(script, tmp_
     out = fn(other_cfg, x, SIGMAS, extra_args=extra(2, cfg=4.0))
     assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](CFGModel(2), x, SIGMAS, extra_args=extra(2, cfg=4.0)))
     assert other_cfg.p.extra_generation_params["Calibration"] == "none: uncalibrated, the dpmpp_2m solver"
+    (shown,) = other_cfg.comments  # the visible warning under the image
+    assert shown.startswith("IIA DPM++ 2M (calibrated) ran UNCALIBRATED") and "was made for cfg 3" in shown
+    assert model.comments == []
 
 
 def test_hires_fix_states_both_passes_in_the_infotext(script, tmp_path):
@@ -181,6 +195,63 @@ def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_
     want = calibrate(direct, SIGMAS, "iia_ddim", noise * (1 + s0 * s0) ** 0.5, [{"prompt": 0}, {"prompt": 1}],
                      fine_steps=3, chunk_size=4)
     assert torch.allclose(cal.params["coeffs"], want.params["coeffs"], rtol=1e-5, atol=1e-8)
+
+
+def test_a_range_calibration_serves_other_steps_cfgs_and_both_web_ui_denoise_cuts(script, tmp_path):
+    """more_steps / cfg_list / denoise_list through the web UI's job: one file; img2img and hires fix cut a schedule
+    differently for the same steps and denoise, and both are fitted; a hires pass finds its entry."""
+    from calibrated_samplers.calibration.file import CalibrationSet
+    from calibrated_samplers.calibration.ranges import denoise_schedule, img2img_schedule
+    sd = forge_model(0)
+    noise = cs.MIXTURE.noise(12, seed=2, dtype=torch.float32)
+    spread = {"steps": [4, 5], "cfgs": [2.0, 3.0], "denoises": [1.0, 0.5]}
+    job = script.Job("iia_ddim", noise, ["cat"], {"fine_steps": 2, "end_to_end": False}, {"seed": 2}, spread=spread)
+    script._pending.job = job
+    try:
+        x = cs.MIXTURE.noise(4, seed=3, dtype=torch.float32) * float(SIGMAS[0])
+        script.make_sampler("iia_ddim", Library(list), Env(sd))(CFGModel(4), x, karras(4, 0.03, 14.6), extra_args=extra(4))
+    finally:
+        script._pending.job = None
+    result = job.result
+    assert isinstance(result, CalibrationSet) and result.primary().steps == 4
+    cuts = {tuple(round(float(v), 6) for v in c.sigmas) for c in result.entries}
+    schedule = Env(sd).schedule(None)
+    for n in (4, 5):
+        for rule in (denoise_schedule, img2img_schedule):
+            assert tuple(round(float(v), 6) for v in rule(schedule, n, 0.5)) in cuts
+    assert len(result) == 2 * (2 + 4)  # per cfg: 2 full schedules, 4 distinct denoise cuts
+    result.save(tmp_path / "spread.safetensors")
+    fn = script.make_sampler("iia_ddim", script.library_for(str(tmp_path)), Env(sd))
+    model = CFGModel(2)
+    model.p.is_hr_pass, model.p.hr_cfg = True, 2.5  # Forge guides its hires pass at hr_cfg, not cond_scale
+    hires = denoise_schedule(schedule, 5, 0.5).float()
+    fn(model, cs.MIXTURE.noise(2, seed=5, dtype=torch.float32) * float(hires[0]), hires, extra_args=extra(2, cfg=9.0))
+    assert model.p.extra_generation_params["Hires calibration"].startswith("spread.safetensors (")
+    assert model.comments == []
+
+
+def test_first_use_setting_calibrates_a_txt2img_run_once_and_says_so_under_the_image(script, tmp_path):
+    sd = forge_model(0)
+    env = Env(sd)
+    env.first_use_settings, env.folder_path = {"batch_size": 12, "fine_steps": 3}, str(tmp_path)
+    fn = script.make_sampler("iia_dpmpp_2m", script.library_for(str(tmp_path)), env)
+    x = cs.MIXTURE.noise(2, seed=5, dtype=torch.float32) * float(SIGMAS[0])
+    model = CFGModel(2)
+    model.step = 0
+    out = fn(model, x, SIGMAS, extra_args=extra(2))
+    (written,) = list(tmp_path.iterdir())
+    cal = load(written)
+    assert cal.info["made_by"] == "web UI first-use calibration" and cal.info["cfg"] == 3.0 and model.step == 0
+    assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](CFGModel(2), x, SIGMAS, extra_args=extra(2), calibration=cal))
+    assert "calibrated now and saved as" in model.comments[0]
+    assert model.p.extra_generation_params["Calibration"].startswith(written.name)
+    again = CFGModel(2)
+    fn(again, x, SIGMAS, extra_args=extra(2))
+    assert again.calls == 5 and again.comments == [] and list(tmp_path.iterdir()) == [written]
+    hires = CFGModel(2)  # a hires pass starts from an image: not calibrated on first use, and said so
+    hires.p.is_hr_pass = True
+    fn(hires, x, karras(3, 0.03, 2.0).float(), extra_args=extra(2))
+    assert "UNCALIBRATED" in hires.comments[0] and list(tmp_path.iterdir()) == [written]
 
 
 def test_registration_into_forge_and_a1111_lists_once(script, monkeypatch):

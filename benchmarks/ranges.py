@@ -1,0 +1,285 @@
+"""Range files against dedicated files (issue 12), on digits-eps with iia_dpmpp_2m and the default calibration
+(end to end included), side by side in one run:
+
+- **steps and cfg**: one range file fitted for steps 4-12 at cfg 3, 5.5 and 8, against a file dedicated to each
+  (steps, cfg) it is tested at. At 4.5 and 6.5 the range file interpolates between its fitted cfgs; dedicated
+  files are fitted at exactly those cfgs. At the fitted cfgs the range entry differs from a dedicated file only in
+  its shared teacher, so those cells are the range file against plain DPM++(2M) only.
+- **denoise**: img2img from real digits (held out: never seen by any calibration) at denoise 0.3, 0.5 and 0.8,
+  6 and 10 steps, cfg 5. The range file starts its fit from the model's own samples (what a user's file does);
+  the "dedicated" file is fitted on real digits instead (a user who calibrates on their own images).
+
+Endpoint RMSE on 200 test noises (20 per class, seed 1000) against a 100-step Heun reference from the same start.
+All fits see the same calibration noises (seed 0). Writes benchmarks/RANGES.md and benchmarks/ranges.json.
+
+    .venv-bench/bin/python benchmarks/ranges.py [--quick] [--workers 2]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLER = "iia_dpmpp_2m"
+MODEL = "digits-eps"
+STEPS = list(range(4, 13))
+FITTED_CFGS = [3.0, 5.5, 8.0]
+TEST_CFGS = [3.0, 4.5, 5.5, 6.5, 8.0]
+DEDICATED_CFGS = [4.5, 6.5]
+DENOISE_STEPS = [6, 10]
+DENOISES = [0.3, 0.5, 0.8]
+DENOISE_CFG = 5.0
+
+
+def setup(threads=1):  # one thread per fit; two fits run side by side
+    torch.set_num_threads(threads)
+    from calibrated_samplers.calibration.testbed import testbed
+    return testbed(MODEL)
+
+
+def cal_noise(bed, n_cal):
+    return torch.randn(n_cal, *bed.shape, generator=torch.Generator().manual_seed(0))
+
+
+def real_digits(bed, n, offset):
+    """``n`` real digits split over the classes as a calibration splits a batch over its conditions (class-major),
+    each class's taken from its ``offset``-th image on."""
+    from calibrated_samplers.calibration.engine import _split_sizes
+    from calibrated_samplers.calibration.testbed import tiny
+    x, y = tiny.digits_data()
+    return torch.cat([x[y == c][offset:offset + k] for c, k in enumerate(_split_sizes(n, bed.classes))])
+
+
+def job(spec):
+    """One fit in a worker: ('range', cfg) or ('dedicated', steps, cfg) or ('denoise', use_real_data)."""
+    kind, args, n_cal, out_dir = spec
+    bed = setup()
+    from calibrated_samplers.calibration import calibrate
+    from calibrated_samplers.calibration.ranges import calibrate_range
+    noise = cal_noise(bed, n_cal)
+    common = dict(family=bed.family, shift=bed.shift, sigma_min=bed.sigma_min, chunk_size=64)
+    t0 = time.perf_counter()
+    if kind == "range":
+        (cfg,) = args
+        result = calibrate_range(bed.model, bed.sigmas, SAMPLER, noise, steps=STEPS, cfgs=[cfg],
+                                 with_cfg=lambda c: (bed.model, bed.conditions(c)), **common)
+        evaluations = result.info["model_evaluations_per_sample"]
+        saved = result.info.get("teacher_evaluations_saved_per_sample", 0.0)
+    elif kind == "dedicated":
+        n, cfg = args
+        sig = bed.sigmas(n)
+        result = calibrate(bed.model, sig, SAMPLER, noise * float(sig[0]), bed.conditions(cfg), **common)
+        evaluations, saved = result.info["model_evaluations_per_sample"], 0.0
+    else:
+        (real,) = args
+        data = real_digits(bed, n_cal, 0) if real else None
+        result = calibrate_range(bed.model, bed.sigmas, SAMPLER, noise, steps=DENOISE_STEPS, cfgs=[DENOISE_CFG],
+                                 denoises=DENOISES, with_cfg=lambda c: (bed.model, bed.conditions(c)), data=data,
+                                 **common)
+        evaluations = result.info["model_evaluations_per_sample"]
+        saved = 0.0
+    seconds = time.perf_counter() - t0
+    path = os.path.join(out_dir, "-".join([kind] + [str(a) for a in args]) + ".safetensors")
+    result.save(path)
+    return {"kind": kind, "args": list(args), "path": path, "seconds": seconds, "evaluations": evaluations,
+            "teacher_saved": saved}
+
+
+def run_jobs(specs, workers):
+    """Each fit in its own process, ``workers`` at a time (a multiprocessing pool ran them 20x slower here)."""
+    pending, running = list(specs), []
+    while pending or running:
+        while pending and len(running) < workers:
+            spec = pending.pop(0)
+            running.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--job", json.dumps(spec)],
+                                            stdout=subprocess.PIPE, text=True))
+        time.sleep(0.5)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            out = proc.stdout.read()
+            if proc.returncode:
+                raise RuntimeError(f"a fit failed (exit {proc.returncode}): {out[-2000:]}")
+            yield json.loads(out.strip().splitlines()[-1])
+
+
+class Test:
+    """The test noises, references and a sampler runner at one cfg (full denoise) or one denoise start."""
+
+    def __init__(self, bed, n_test):
+        self.bed = bed
+        self.per = n_test // bed.classes
+        self.unit = torch.randn(self.per * bed.classes, *bed.shape, generator=torch.Generator().manual_seed(1000))
+
+    def run(self, fn, start, sig, cfg, **kw):
+        from calibrated_samplers.samplers import SAMPLERS
+        fn = SAMPLERS[fn] if isinstance(fn, str) else fn
+        conds = self.bed.conditions(cfg)
+        return torch.cat([fn(self.bed.model, start[j * self.per:(j + 1) * self.per], sig, extra_args=c, disable=True,
+                             family=self.bed.family, **kw) for j, c in enumerate(conds)])
+
+    def reference(self, start, sigma_from, cfg, key=None):
+        """The 100-step Heun solve from ``start``; ``key`` names a start already solved (kept)."""
+        from calibrated_samplers.calibration.testbed.analytic import karras
+        cache = self.__dict__.setdefault("cache", {})
+        if key is None or key not in cache:
+            ref = self.run("iia_edm", start, karras(100, self.bed.sigma_min, float(sigma_from), zero=True), cfg)
+            if key is None:
+                return ref
+            cache[key] = ref
+        return cache[key]
+
+
+def rmse(a, b):
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small batches and fewer cells, to check the plumbing")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(HERE, "RANGES.md"))
+    ap.add_argument("--job", help=argparse.SUPPRESS)  # one fit, run by run_jobs in a process of its own
+    args = ap.parse_args()
+    if args.job:
+        kind, job_args, n_cal, out_dir, config = json.loads(args.job)
+        globals().update(config)
+        print(json.dumps(job((kind, tuple(job_args), n_cal, out_dir))))
+        return
+    global STEPS, DEDICATED_CFGS, DENOISE_STEPS, DENOISES, FITTED_CFGS, TEST_CFGS
+    n_cal, n_test = 64, 200
+    if args.quick:
+        n_cal, n_test, STEPS, DENOISE_STEPS, DENOISES = 30, 20, [4], [4], [0.5]
+        FITTED_CFGS, TEST_CFGS, DEDICATED_CFGS = [3.0, 8.0], [3.0, 4.5], [4.5]
+    bed = setup()
+    from calibrated_samplers.calibration import load
+    from calibrated_samplers.calibration.ranges import denoise_schedule
+    started = time.perf_counter()
+    work = tempfile.mkdtemp(prefix="ranges-")
+    specs = ([("range", (c,), n_cal, work) for c in FITTED_CFGS]
+             + [("denoise", (real,), n_cal, work) for real in (False, True)]
+             + [("dedicated", (n, c), n_cal, work) for c in DEDICATED_CFGS for n in reversed(STEPS)])
+    config = {"STEPS": STEPS, "DENOISE_STEPS": DENOISE_STEPS, "DENOISES": DENOISES}
+    specs = [spec + (config,) for spec in specs]
+    fits = []
+    for r in run_jobs(specs, args.workers):
+        print(f"fitted {r['kind']} {r['args']} in {r['seconds']:.0f} s", flush=True)
+        fits.append(r)
+    from calibrated_samplers.calibration.file import CalibrationSet
+    def as_set(cal):
+        return cal if isinstance(cal, CalibrationSet) else CalibrationSet([cal])
+    ranges = [as_set(load(f["path"])) for f in fits if f["kind"] == "range"]
+    range_file = CalibrationSet([e for s in ranges for e in s.entries])
+    dedicated = {tuple(f["args"]): load(f["path"]) for f in fits if f["kind"] == "dedicated"}
+    denoise_files = {f["args"][0]: as_set(load(f["path"])) for f in fits if f["kind"] == "denoise"}
+
+    test = Test(bed, n_test)
+    cells = []
+    for cfg in TEST_CFGS:
+        for n in STEPS:
+            sig = bed.sigmas(n)
+            start = test.unit * float(sig[0])
+            ref = test.reference(start, sig[0], cfg, key=(cfg, float(sig[0])))
+            cal, why = range_file.select(sig, bed.family, cfg)
+            row = {"cfg": cfg, "steps": n, "range": rmse(test.run(SAMPLER, start, sig, cfg, calibration=cal), ref),
+                   "plain": rmse(test.run(SAMPLER, start, sig, cfg), ref),
+                   "interpolated": "interpolated" in cal.info}
+            if (n, cfg) in dedicated:
+                row["dedicated"] = rmse(test.run(SAMPLER, start, sig, cfg, calibration=dedicated[(n, cfg)]), ref)
+            cells.append(row)
+            print(row, flush=True)
+    denoise_cells = []
+    real = real_digits(bed, test.per * bed.classes, 100)  # disjoint from the calibration's real digits (the first ones)
+    for d in DENOISES:
+        for n in DENOISE_STEPS:
+            sig = denoise_schedule(bed.sigmas, n, d)
+            start = real + float(sig[0]) * test.unit
+            ref = test.reference(start, sig[0], DENOISE_CFG)
+            row = {"denoise": d, "steps": n, "plain": rmse(test.run(SAMPLER, start, sig, DENOISE_CFG), ref)}
+            for key, label in ((False, "range"), (True, "real_data")):
+                cal, why = denoise_files[key].select(sig, bed.family, DENOISE_CFG)
+                row[label] = rmse(test.run(SAMPLER, start, sig, DENOISE_CFG, calibration=cal), ref)
+            denoise_cells.append(row)
+            print(row, flush=True)
+    cost = {"range_evaluations": sum(f["evaluations"] for f in fits if f["kind"] == "range"),
+            "range_seconds": sum(f["seconds"] for f in fits if f["kind"] == "range"),
+            "range_entries": len(range_file.entries),
+            "teacher_saved": sum(f["teacher_saved"] for f in fits if f["kind"] == "range"),
+            "dedicated_evaluations": {f"{a[0]}@{a[1]:g}": f["evaluations"] for f in fits if f["kind"] == "dedicated"
+                                      for a in [f["args"]]},
+            "dedicated_seconds": sum(f["seconds"] for f in fits if f["kind"] == "dedicated")}
+    result = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
+              "n_cal": n_cal, "n_test": n_test, "cells": cells, "denoise": denoise_cells, "cost": cost,
+              "minutes": (time.perf_counter() - started) / 60, "quick": args.quick}
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(args.out, "w") as f:
+        f.write(report(result))
+    print(report(result))
+
+
+def report(r):
+    lines = [f"# Range files against dedicated files ({r['date']})", "",
+             f"`.venv-bench/bin/python benchmarks/ranges.py` ({r['minutes']:.1f} min, 2 worker processes of one "
+             f"thread each, {r['machine']}, torch {r['torch']}){' --quick' if r['quick'] else ''}. "
+             f"{MODEL}, {SAMPLER}, default calibration (end to end included), {r['n_cal']} calibration noises, "
+             f"endpoint RMSE on {r['n_test']} test noises against a 100-step Heun reference.", "",
+             f"## Steps {', '.join(map(str, STEPS))}, cfg: one file fitted at cfg {', '.join(f'{c:g}' for c in FITTED_CFGS)}",
+             "", "Range / dedicated: the range file's error over a file fitted for exactly that steps and cfg. "
+             "Range / plain: over uncalibrated DPM++(2M) on the same schedule. (i): the range file interpolated "
+             "between its fitted cfgs.", "",
+             "| cfg | " + " | ".join(f"{n} steps" for n in STEPS) + " |", "|---" * (len(STEPS) + 1) + "|"]
+    worst = 0.0
+    for cfg in TEST_CFGS:
+        row = [c for c in r["cells"] if c["cfg"] == cfg]
+        texts = []
+        for c in row:
+            t = f"{c['range']:.4f}"
+            if "dedicated" in c:
+                ratio = c["range"] / c["dedicated"]
+                worst = max(worst, ratio)
+                t += f" ({ratio:.2f}x ded.)"
+            t += f" {c['range'] / c['plain']:.2f}x plain" + (" (i)" if c["interpolated"] else "")
+            texts.append(t)
+        lines.append(f"| {cfg:g} | " + " | ".join(texts) + " |")
+    lines += ["", f"Worst range / dedicated ratio: **{worst:.2f}x** (target: at most 1.1x).", ""]
+    ded = [c for c in r["cells"] if "dedicated" in c]
+    if ded:
+        lines.append("Dedicated files alone, for reference (RMSE): " + "; ".join(
+            f"{c['steps']} steps cfg {c['cfg']:g}: {c['dedicated']:.4f}" for c in ded))
+    cost = r["cost"]
+    per_file = list(cost["dedicated_evaluations"].values())
+    mean_dedicated = sum(per_file) / max(1, len(per_file))
+    n_entries = cost["range_entries"]
+    equivalent = cost["range_evaluations"] + cost["teacher_saved"]
+    lines += ["", "### Cost (model evaluations per calibration noise)", "",
+              f"- The range file ({n_entries} entries): {cost['range_evaluations']:.0f} evaluations, "
+              f"{cost['range_seconds']:.0f} s. Its shared teachers saved {cost['teacher_saved']:.0f} evaluations: "
+              f"**{cost['range_evaluations'] / equivalent:.2f}x** the cost of {n_entries} dedicated files for the "
+              "same settings (each with its own teacher, same budget).",
+              f"- Dedicated files measured here: {len(per_file)}, {mean_dedicated:.0f} evaluations each on average, "
+              f"{cost['dedicated_seconds']:.0f} s in all.",
+              f"- Settings the range file serves among those tested: {len(STEPS) * len(TEST_CFGS)} "
+              f"({len(TEST_CFGS)} cfgs x {len(STEPS)} step counts); dedicated files for all of them would cost about "
+              f"{equivalent / n_entries * len(STEPS) * len(TEST_CFGS):.0f} evaluations, so the range file costs "
+              f"**{cost['range_evaluations'] / (equivalent / n_entries * len(STEPS) * len(TEST_CFGS)):.2f}x** "
+              "that (and any other cfg between 3 and 8 comes free).", "",
+              f"## Denoise (img2img from held-out real digits, cfg {DENOISE_CFG:g})", "",
+              "Range: the file fitted on the model's own samples (the default). Real data: fitted on real digits. "
+              "Ratios are to uncalibrated DPM++(2M) on the same schedule.", "",
+              "| denoise | steps | plain | range file | real-data file |", "|---|---|---|---|---|"]
+    for c in r["denoise"]:
+        lines.append(f"| {c['denoise']:g} | {c['steps']} | {c['plain']:.4f} | {c['range']:.4f} "
+                     f"({c['range'] / c['plain']:.2f}x) | {c['real_data']:.4f} ({c['real_data'] / c['plain']:.2f}x) |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main()
