@@ -118,31 +118,33 @@ class Library:
         """
         fam = Family.of(family)
         sig = [float(s) for s in sigmas]
-        matches, notes = [], []  # notes: (rank, text); files for this model first, then damaged, then other models
+        # notes: (rank, text): files for this model and schedule (another cfg) first, then this model's other
+        # schedules, then damaged files, then other models' files
+        matches, notes = [], []
         self._damaged = []
         for path, mtime, cal in self._scan():
             name = os.path.basename(path)
             if isinstance(cal, Exception):
-                notes.append((1, f"{name}: unreadable ({cal})"))
+                notes.append((2, f"{name}: unreadable ({cal})"))
                 self._damaged.append((path, mtime, cal))
                 continue
             if cal.method != method:
                 continue
             diff = other_model(cal, fingerprint)
-            rank = 2 if diff else 0
+            rank = 3 if diff else 0
             if isinstance(cal, CalibrationSet):
                 chosen, why = cal.select(sig, fam, cfg)
                 if chosen is not None and diff:
                     chosen, why = None, f"was made for another model ({diff})"
                 if chosen is None:
-                    notes.append((rank, f"{name}: {why}"))
+                    notes.append((rank or (1 if why.startswith("holds") else 0), f"{name}: {why}"))
                     continue
                 matches.append(("interpolated" not in chosen.info, mtime, path, chosen))
                 continue
             try:
                 check_calibration(cal, method, sig, fam)
             except CalibrationMismatch as e:
-                notes.append((rank, f"{name}: {e}"))
+                notes.append((rank or 1, f"{name}: {e}"))
                 continue
             why = f"was made for another model ({diff})" if diff else cfg_mismatch(cal, cfg)
             if why:

@@ -154,6 +154,29 @@ def test_a_range_file_serves_other_steps_and_cfgs_between_its_fitted_ones(server
     assert len(warnings) == 1 and "fitted for cfg 4-6" in warnings[0]["message"]
 
 
+def test_first_use_node_calibrates_a_new_setting_once(server, eps_run):
+    """The first-use node in SamplerCustomAdvanced: a setting no file fits is calibrated on the run itself, saved
+    and announced in the browser; the next run at that setting uses the file."""
+    wf = example("calibrate_then_sample")
+    for node in ("20", "21", "22"):
+        del wf[node]
+    wf["30"] = {"class_type": "CalibratedSamplersFirstUse", "inputs": {
+        "sampler_name": "iia_dpmpp_2m", "calibrate_if_missing": True, "batch_size": 6, "fine_steps": 2,
+        "end_to_end": False, "max_minutes": 0.0}}
+    wf["31"] = {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "karras", "steps": 5,
+                                                          "denoise": 1.0}}
+    wf["3"]["inputs"].update(sampler=["30", 0], sigmas=["31", 0])
+    before = set(os.listdir(server.folder))
+    first, messages = server.run_watched(wf, "calibrated_samplers.warning")
+    assert first["status"]["status_str"] == "success", error_of(first)
+    (made,) = set(os.listdir(server.folder)) - before
+    assert made.startswith("auto_iia_dpmpp_2m_5steps_cfg5_") and load(os.path.join(server.folder, made)).steps == 5
+    assert len(messages) == 1 and "calibrated now and saved as " + made in messages[0]["message"]
+    wf["13"]["inputs"]["noise_seed"] = 2  # a new seed, so ComfyUI does not serve the cached result
+    second = server.run(wf)
+    assert f"iia_dpmpp_2m: using {made}" in second["log"] and set(os.listdir(server.folder)) - before == {made}
+
+
 def test_flow_model_calibrates_and_samples(server, flow_run):
     cal = load(os.path.join(server.folder, "flow_c.safetensors"))
     assert cal.family == "flow" and cal.method == "amed_euler" and cal.info["fingerprint_detail"]["prediction"] == "flow"

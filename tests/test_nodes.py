@@ -142,6 +142,16 @@ def test_library_picks_the_newest_match_and_says_why_others_missed(tmp_path):
     assert order == ["c_cfg.safetensors", "e_steps.safetensors", "g_broken.safetensors", "d_other.safetensors"]
 
 
+def test_a_file_that_fits_all_but_the_cfg_is_named_before_one_for_another_schedule(tmp_path):
+    """The toast shows the first note: the file that only needs another cfg is the closest, whatever its name."""
+    p = cs.Patcher()
+    fitted(patcher=p, sigmas=karras(5, 0.03, 14.6).float()).save(tmp_path / "a_steps.safetensors")
+    fitted(patcher=p, cfg=5.0).save(tmp_path / "z_cfg.safetensors")
+    lib = Library(lambda: sorted(str(f) for f in tmp_path.iterdir()))
+    _, _, notes = lib.find("iia_dpmpp_2m", SIGMAS, "ve", runtime.model_fingerprint(p), 3.0)
+    assert [n.split(":")[0] for n in notes] == ["z_cfg.safetensors", "a_steps.safetensors"]
+
+
 def test_no_match_message_lists_every_file_or_counts_the_rest():
     notes = [f"f{k}.safetensors: was made for cfg 5" for k in range(11)]
     text = no_match_message("amed_euler", SAMPLERS["amed_euler"].uncalibrated, SIGMAS, 3.0, notes, "calibrate")
