@@ -10,7 +10,7 @@
   the "dedicated" file is fitted on real digits instead (a user who calibrates on their own images).
 
 Endpoint RMSE on 200 test noises (20 per class, seed 1000) against a 100-step Heun reference from the same start.
-All fits see the same calibration noises (seed 0). Writes benchmarks/RANGES.md and benchmarks/ranges.json.
+All fits see the same calibration noises (seed 0). Writes benchmarks/RANGES.md and benchmarks/RANGES.json.
 
     .venv-bench/bin/python benchmarks/ranges.py [--quick] [--workers 2]
 """
