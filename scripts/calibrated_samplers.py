@@ -550,7 +550,7 @@ def setup():
     added = register(library, env)
     script_callbacks.on_app_started(lambda demo, app: add_api(app, env, library))
     script_callbacks.on_ui_tabs(lambda: ui_tab(env))
-    script_callbacks.on_ui_settings(add_settings)
+    add_settings()  # now, not in on_ui_settings: an API-only web UI never builds the settings page
     if added:
         print(f"[Calibrated Samplers] added {len(added)} samplers; calibrations in {env.folder()}")
     return added

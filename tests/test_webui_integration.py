@@ -134,6 +134,24 @@ def test_a_range_file_serves_a_cfg_between_its_fitted_ones_and_the_hires_pass(fo
     assert 'Calibration: "none: uncalibrated' in info["infotexts"][0]
 
 
+def test_calibrate_on_first_use_option(forge, calibrated):
+    """The web UI option: a txt2img run no file fits is calibrated first, saved, named in the infotext; the next
+    run at that setting uses the file without calibrating again."""
+    status, body = forge.post("/sdapi/v1/options", {"calibrated_samplers_first_use": True,
+                                                    "calibrated_samplers_first_use_batch": 4})
+    assert status == 200, body
+    try:
+        before = set(os.listdir(forge.folder))
+        info, _ = forge.txt2img(LABELS["iia_ddim"], steps=3, cfg=5.5)
+        (made,) = set(os.listdir(forge.folder)) - before
+        assert made.startswith("auto_iia_ddim_3steps_cfg5.5_") and load(os.path.join(forge.folder, made)).steps == 3
+        assert f"Calibration: {made} (" in info["infotexts"][0]
+        info, _ = forge.txt2img(LABELS["iia_ddim"], steps=3, cfg=5.5, seed=7)
+        assert f"Calibration: {made} (" in info["infotexts"][0] and set(os.listdir(forge.folder)) - before == {made}
+    finally:
+        forge.post("/sdapi/v1/options", {"calibrated_samplers_first_use": False})
+
+
 def test_interrupt_writes_nothing(forge, calibrated):
     result = {}
 
