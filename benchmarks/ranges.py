@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from calibrated_samplers.calibration.testbed.analytic import rmse
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLER = "iia_dpmpp_2m"
 MODEL = "digits-eps"
@@ -134,10 +136,6 @@ class Test:
                 return ref
             cache[key] = ref
         return cache[key]
-
-
-def rmse(a, b):
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
 def main():

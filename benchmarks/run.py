@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 from calibrated_samplers.calibration import calibrate  # noqa: E402
 from calibrated_samplers.calibration.engine import BUDGET_FACTOR  # noqa: E402
 from calibrated_samplers.calibration.testbed import testbed  # noqa: E402
-from calibrated_samplers.calibration.testbed.analytic import flow_sigmas, karras  # noqa: E402
+from calibrated_samplers.calibration.testbed.analytic import flow_sigmas, karras, rmse  # noqa: E402
 from calibrated_samplers.calibration.testbed.kdiffusion import load_k_diffusion_sampling  # noqa: E402
 from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations  # noqa: E402
 from memory import proc_status, reset_peak  # noqa: E402  (benchmarks/memory.py)
@@ -111,10 +111,6 @@ class Setting:
     def calibrate(self, sig, name, **kw):
         return calibrate(self.bed.model, sig, name, self.cal_noise(sig), self.conditions, chunk_size=64,
                          sigma_min=self.bed.sigma_min, **self.fam, **kw)
-
-
-def rmse(a, b):
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
 def run_setting(st, evals, digits, log, calibrated=CALIBRATED):

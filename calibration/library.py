@@ -8,10 +8,12 @@ near miss was passed over, so a UI can tell the user what to calibrate instead o
 """
 import os
 
+import torch
+
 from ..samplers import CalibrationMismatch, Family
 from ..samplers._core import check_calibration
 from .file import CalibrationFileError, CalibrationSet, load
-from .identity import describe_difference, same_model
+from .identity import describe_difference, same_model, tensor_digest
 
 CFG_TOLERANCE = 1e-3
 
@@ -51,6 +53,13 @@ def cfg_mismatch(cal, cfg):
 
 
 SHOWN_NOTES = 8
+
+
+def first_use_path(folder, method, sigmas, cfg, fingerprint_id):
+    """Where a first-use calibration of this run's setting is saved (the same name in both UIs)."""
+    digest = tensor_digest(torch.as_tensor([float(s) for s in sigmas], dtype=torch.float64))[:8]
+    return os.path.join(folder, f"auto_{method}_{len(sigmas) - 1}steps_cfg{cfg if cfg is not None else 0:g}_"
+                                f"{fingerprint_id[-8:]}_{digest}.safetensors")
 
 
 def no_match_message(label, uncalibrated, sigmas, cfg, notes, how):

@@ -20,11 +20,11 @@ import torch
 
 from ..samplers import SAMPLERS, CalibrationMismatch, Family
 from ..samplers import base as B
-from ..samplers._core import HISTORY_KEPT, check_calibration, prepare, remember, sigma_list
+from ..samplers._core import HISTORY_KEPT, Denoiser, check_calibration, prepare, sigma_list
+from .engine import CalibrationCancelled, _chunks, _sub_solve, _take, calibrate
 from .file import Calibration, CalibrationSet
+from .library import CFG_TOLERANCE
 from .requests import check_request
-
-CFG_TOLERANCE = 1e-3
 
 
 def denoise_schedule(schedule, steps, denoise=1.0):
@@ -90,13 +90,12 @@ def select(cset, sigmas, family=None, cfg=None):
     """(Calibration, None) for the run, or (None, why). ``cfg`` None accepts any fitted cfg (the middle one)."""
     sig = sigma_list(sigmas) if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
     fam = Family.of(cset.family if family is None else family)
-    fitting, first_error = [], None
+    fitting = []
     for cal in cset.entries:
         try:
             check_calibration(cal, cset.method, sig, fam)
             fitting.append(cal)
         except CalibrationMismatch as e:
-            first_error = first_error or e
             if str(e).startswith("calibration is for a"):  # the family: the same for every entry
                 return None, str(e)
     if not fitting:
@@ -140,7 +139,6 @@ class SharedTeacher:
 
     def __init__(self, model, states, conditions, schedules, base, fine_steps, family, sigma_min=None,
                  chunk_size=32, holdout=0.25, progress=None, cancel=None):
-        from .engine import _chunks, _sub_solve, _take, CalibrationCancelled
         self.fine_steps = int(fine_steps)
         self.points = sorted({float(s) for sig in schedules for s in sig}, reverse=True)
         densest = max(schedules, key=len)
@@ -156,7 +154,6 @@ class SharedTeacher:
         self.evaluations = 0  # per sample
         sub_steps = [self._sub_steps(a, b, dense) for a, b in zip(self.points, self.points[1:])]
         total, done = len(chunks) * len(sub_steps), 0
-        from ..samplers._core import Denoiser
         for ch in chunks:
             x, hist = x_all[ch.sl], []
             ev = Denoiser(model, x, torch.tensor(self.points, dtype=torch.float64), conditions[ch.group])
@@ -182,15 +179,19 @@ class SharedTeacher:
                 return max(1, math.ceil(self.fine_steps * share - 1e-9))
         raise ValueError(f"sigma interval [{a}, {b}] lies outside the densest schedule")
 
+    def _point(self, sigma):
+        """The kept sigma equal to ``sigma`` (up to rounding), or None."""
+        sigma = float(sigma)
+        return next((p for p in self.states if abs(p - sigma) <= 1e-12 * max(1.0, p)), None)
+
     def covers(self, sigmas):
-        return all(any(abs(float(s) - p) <= 1e-12 * max(1.0, p) for p in self.states) for s in sigmas)
+        return all(self._point(s) is not None for s in sigmas)
 
     def at(self, sigma):
-        sigma = float(sigma)
-        for p, x in self.states.items():
-            if abs(p - sigma) <= 1e-12 * max(1.0, p):
-                return x
-        raise KeyError(f"the shared teacher has no state at sigma {sigma}")
+        p = self._point(sigma)
+        if p is None:
+            raise KeyError(f"the shared teacher has no state at sigma {float(sigma)}")
+        return self.states[p]
 
     def dedicated_cost(self, n_steps):
         """Evaluations per sample a dedicated teacher of ``n_steps`` steps would spend."""
@@ -224,7 +225,6 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
     full-denoise step counts. The remaining keywords are ``calibrate``'s, used for every entry; each entry's
     ``info`` records its cfg, steps and denoise.
     """
-    from .engine import BUDGET_FACTOR, CalibrationCancelled, calibrate
     steps = sorted({int(n) for n in steps})
     denoises = sorted({1.0 if d is None else float(d) for d in denoises}, reverse=True)
     cfgs = list(dict.fromkeys(None if c is None else float(c) for c in cfgs))
@@ -240,10 +240,13 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
     check_request(batch_size=int(noise.shape[0]), holdout=holdout,
                   prompts=len(first_args) if isinstance(first_args, (list, tuple)) else 1)
     start = noise_scaling or (lambda sigma, n, image: _noised(image, n, sigma, fam))
-    jobs = [(c,) + job for c in cfgs for job in _schedules(schedule, steps, denoises, denoise_rules)]
+    schedules = _schedules(schedule, steps, denoises, denoise_rules)
+    full = [sig for d, _, sig in schedules if d == 1.0]
+    # every full-denoise schedule starts from the same state when they share a first sigma: one teacher for all
+    shared = share_teacher and len(full) > 1 and all(
+        abs(float(sig[0]) - float(full[0][0])) <= 1e-9 * float(full[0][0]) for sig in full)
     started = time.perf_counter()
-    teacher_jobs = sum(1 for c in cfgs if share_teacher and len(steps) > 1 and 1.0 in denoises)
-    total = len(jobs) + teacher_jobs
+    total = len(cfgs) * (len(schedules) + (1 if shared else 0))
     done = [0]
 
     def part():  # one job's progress, as a share of all of them
@@ -256,16 +259,14 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
         m, args = (model, extra_args) if with_cfg is None or cfg is None else with_cfg(cfg)
         conditions = list(args) if isinstance(args, (list, tuple)) else [args or {}]
         teacher = None
-        if share_teacher and len(steps) > 1 and 1.0 in denoises:
-            full = [denoise_schedule(schedule, n) for n in steps]
-            first = float(full[0][0])
-            if all(abs(float(s[0]) - first) <= 1e-9 * first for s in full):
-                teacher = SharedTeacher(m, start(first, noise, torch.zeros_like(noise)), conditions, full, SAMPLERS[sampler].base, fine_steps, fam,
-                                        sigma_min, chunk_size, holdout, part(), cancel)
-                shared_evaluations += teacher.evaluations
-                done[0] += 1
+        if shared:
+            teacher = SharedTeacher(m, start(full[0][0], noise, torch.zeros_like(noise)), conditions, full,
+                                    SAMPLERS[sampler].base, fine_steps, fam, sigma_min, chunk_size, holdout, part(),
+                                    cancel)
+            shared_evaluations += teacher.evaluations
+            done[0] += 1
         clean = None
-        for d, n, sig in _schedules(schedule, steps, denoises, denoise_rules):
+        for d, n, sig in schedules:
             if cancel is not None and cancel():
                 raise CalibrationCancelled("calibration cancelled; nothing was saved")
             if d < 1.0:
@@ -313,15 +314,14 @@ def _schedules(schedule, steps, denoises, rules):
 def _clean_latents(model, conditions, noise, schedule, steps, entries, cfg, sampler, family, fine_steps,
                    chunk_size, data, holdout, start):
     """(images, evaluations per sample) to start denoise < 1 runs from: ``data``, else the model's own samples."""
-    from .engine import _chunks
     if data is not None:
         return torch.as_tensor(data).expand_as(noise).to(noise.dtype), 0.0
+    fn = SAMPLERS[sampler]
     done = [c for c in entries if c.info.get("cfg") == cfg and c.info.get("denoise") == 1.0]
     if done:
-        cal = max(done, key=lambda c: c.steps)
-        fn, sig, calibration = SAMPLERS[sampler], cal.sigmas, cal
+        calibration = max(done, key=lambda c: c.steps)
+        sig = calibration.sigmas
     else:  # no full-denoise entry to sample with: the base solver on a fine schedule
-        fn = SAMPLERS[sampler]
         sig = torch.as_tensor(schedule(max(steps) * max(2, fine_steps // 2)), dtype=torch.float64)
         calibration = None
     out = torch.empty_like(noise)

@@ -14,8 +14,8 @@ from ..calibration.file import CalibrationSet
 from ..calibration.requests import (RequestError, check_entries, check_request, output_path, parse_cfgs,
                                     parse_denoises, parse_steps)
 from ..samplers import CalibrationMismatch
-from .runtime import (FOLDER, CalibrationJob, comfy_noise_scaling, dropdown_sampler, latent_shape, make_guider,
-                      prompt_conds, sample_calibrated, sample_calibration_run, sample_or_calibrate)
+from .runtime import (FOLDER, CalibrationJob, comfy_noise_scaling, comfy_progress, dropdown_sampler, latent_shape,
+                      make_guider, prompt_conds, sample_calibrated, sample_calibration_run, sample_or_calibrate)
 
 log = logging.getLogger("calibrated_samplers")
 CATEGORY = "sampling/custom_sampling/calibrated"
@@ -75,7 +75,6 @@ def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, b
                    end_to_end=True, learn_sigmas=True, max_minutes=0.0, more_steps="", cfg_list="", denoise_list=""):
     import comfy.model_management as mm
     import comfy.samplers
-    import comfy.utils
     import folder_paths
     pairs = prompt_conds(positive, negative, cfg)
     check_request(steps=None if sigmas is not None else steps, cfg=cfg, width=None if latent is not None else width,
@@ -103,19 +102,12 @@ def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, b
     shape = latent_shape(model, width, height, latent)
     noise = torch.randn((batch_size,) + shape, generator=torch.Generator().manual_seed(seed))
     first = noise[:min(chunk_size, batch_size)].clone()
-    bar = []
-
-    def progress(done, total):
-        if not bar:
-            bar.append(comfy.utils.ProgressBar(total))
-        bar[0].update_absolute(done, total)
-
     info = {"made_by": "ComfyUI Calibrate node", "comfyui": comfy_version(), "schedule": schedule, "seed": seed,
             "prompts": len(pairs), "latent_shape": list(shape)}
     fit_options = {"fine_steps": fine_steps, "chunk_size": chunk_size, "end_to_end": bool(end_to_end),
                    "learn_sigmas": bool(learn_sigmas), "time_limit": 60.0 * max_minutes if max_minutes else None}
-    job = CalibrationJob(method, noise, first, len(pairs), fit_options, info, progress, mm.processing_interrupted,
-                         spread=spread)
+    job = CalibrationJob(method, noise, first, len(pairs), fit_options, info, comfy_progress(),
+                         mm.processing_interrupted, spread=spread)
     guider = make_guider(model, pairs, cfg)
     sampler = comfy.samplers.KSAMPLER(sample_calibration_run, extra_options={"job": job})
     try:

@@ -14,7 +14,7 @@ from ..calibration.ranges import calibrate_range
 from ..calibration.end_to_end import normal_weights
 from ..calibration.identity import fingerprint, named_weights, tensor_digest
 from ..calibration.file import CalibrationSet
-from ..calibration.library import cfg_mismatch, check_model, no_match_message, short_no_match
+from ..calibration.library import cfg_mismatch, check_model, first_use_path, no_match_message, short_no_match
 from ..samplers import SAMPLERS, CalibrationMismatch, Family
 
 log = logging.getLogger("calibrated_samplers")
@@ -100,6 +100,36 @@ def notify(message, short):
                      getattr(server, "client_id", None))
 
 
+def find_or_warn(name, library, sigmas, family, fingerprint, cfg, fix, fit=None):
+    """The saved calibration for a run, else ``fit()``'s (calibration, path) when given; with neither, the run is
+    uncalibrated and the console and the browser say so (``fix``: what to do, in the browser's words)."""
+    calibration, path, notes = library.find(name, sigmas, family, fingerprint, cfg)
+    damaged = library.unreported_damage()  # named in the warning below, or once on their own
+    if calibration is None and fit is not None:
+        calibration, path = fit()
+    if calibration is None:
+        notify(no_match_message(name, SAMPLERS[name].uncalibrated, sigmas, cfg, notes,
+                                HOW_TO_CALIBRATE.format(name=name)),
+               short_no_match(name, sigmas, cfg, notes, fix))
+    else:
+        log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
+        for warning in damaged:
+            log.warning(warning)
+    return calibration
+
+
+def comfy_progress():
+    """A progress(done, total) that drives the running node's ComfyUI progress bar."""
+    import comfy.utils
+    bar = []
+
+    def progress(done, total):
+        if not bar:
+            bar.append(comfy.utils.ProgressBar(total))
+        bar[0].update_absolute(done, total)
+    return progress
+
+
 def dropdown_sampler(name, library):
     """The function ComfyUI's KSampler calls for ``name``: finds the matching saved calibration, or warns."""
     fn = SAMPLERS[name]
@@ -108,15 +138,8 @@ def dropdown_sampler(name, library):
         patcher, family, cfg = run_context(model)
         calibration = None
         if fn.kind != "plain":
-            calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(patcher), cfg)
-            damaged = library.unreported_damage()  # named in the warning below, or once on their own
-            if calibration is None:
-                notify(no_match_message(name, fn.uncalibrated, sigmas, cfg, notes, HOW_TO_CALIBRATE.format(name=name)),
-                       short_no_match(name, sigmas, cfg, notes, "Run the 'Fit calibration' node"))
-            else:
-                log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
-                for warning in damaged:
-                    log.warning(warning)
+            calibration = find_or_warn(name, library, sigmas, family, model_fingerprint(patcher), cfg,
+                                       "Run the 'Fit calibration' node")
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                   calibration=calibration, family=family.name, shift=family.shift, **options)
 
@@ -132,19 +155,16 @@ def sample_or_calibrate(model, x, sigmas, extra_args=None, callback=None, disabl
     """The SAMPLER function of the first-use node: the saved calibration matching the run, else (when
     ``calibrate_missing``) one fitted right here on the run's own model, prompts, cfg, schedule and image, saved to
     ``folder`` and used at once; the next run at the same setting finds the file."""
-    fn = SAMPLERS[method]
     patcher, family, cfg = run_context(model)
     fp = model_fingerprint(patcher)
-    calibration, path, notes = library.find(method, sigmas, family, fp, cfg)
-    if calibration is None and calibrate_missing:
-        calibration, path = first_use_calibration(model, x, sigmas, extra_args, method, patcher, family, cfg, fp,
-                                                  folder, batch_size, fine_steps, end_to_end, max_minutes)
-    if calibration is None:
-        notify(no_match_message(method, fn.uncalibrated, sigmas, cfg, notes, HOW_TO_CALIBRATE.format(name=method)),
-               short_no_match(method, sigmas, cfg, notes, "Turn on calibrate_if_missing, or run 'Fit calibration'"))
-    else:
-        log.info("[Calibrated Samplers] %s: using %s", method, os.path.basename(path))
-    return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, calibration=calibration,
+
+    def fit():
+        return first_use_calibration(model, x, sigmas, extra_args, method, patcher, family, cfg, fp, folder,
+                                     batch_size, fine_steps, end_to_end, max_minutes)
+    calibration = find_or_warn(method, library, sigmas, family, fp, cfg,
+                               "Turn on calibrate_if_missing, or run 'Fit calibration'",
+                               fit if calibrate_missing else None)
+    return SAMPLERS[method](model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, calibration=calibration,
               family=family.name, shift=family.shift, **options)
 
 
@@ -153,7 +173,6 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
     """(Calibration, path) fitted on this run, or (None, None) where a run cannot be calibrated (an inpainting
     mask). Progress goes to the sampling node's bar; Cancel stops it and writes nothing."""
     import comfy.model_management as mm
-    import comfy.utils
     extra = dict(extra_args or {})
     if extra.get("denoise_mask") is not None:
         notify("[Calibrated Samplers] an inpainting run (with a mask) is not calibrated on first use",
@@ -168,23 +187,14 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
     sigma_min = getattr(model_sampling, "sigma_min", None)
     if end_to_end:
         normal_weights(patcher.model)
-    bar = []
-
-    def progress(done, total):
-        if not bar:
-            bar.append(comfy.utils.ProgressBar(total))
-        bar[0].update_absolute(done, total)
-    steps = len(sigmas) - 1
-    digest = tensor_digest(torch.as_tensor(sigmas, dtype=torch.float64).cpu())[:8]
-    path = os.path.join(folder, f"auto_{method}_{steps}steps_cfg{cfg if cfg is not None else 0:g}_{fp['id'][-8:]}_"
-                                f"{digest}.safetensors")
+    path = first_use_path(folder, method, sigmas, cfg, fp["id"])
     log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s)",
              method, batch_size, os.path.basename(path))
     try:
         cal = calibrate(model, sigmas.detach().cpu().double(), method, states, extra, family=family.name,
                         shift=family.shift, fine_steps=int(fine_steps), chunk_size=max(1, x.shape[0]),
                         sigma_min=None if sigma_min is None else float(sigma_min), end_to_end=bool(end_to_end),
-                        time_limit=60.0 * max_minutes if max_minutes else None, progress=progress,
+                        time_limit=60.0 * max_minutes if max_minutes else None, progress=comfy_progress(),
                         cancel=mm.processing_interrupted,
                         info={"made_by": "ComfyUI first-use calibration", "cfg": cfg, "fingerprint": fp["id"],
                               "fingerprint_detail": fp, "seed": int(extra.get("seed") or 0),

@@ -155,35 +155,49 @@ def make_sampler(name, library, env):
     return sample
 
 
+def start_state(family, sgm, sigma_top):
+    """(sigma, noise, image) -> the state the web UI starts from: txt2img scales pure noise at the schedule's top
+    sigma (by sqrt(1 + sigma^2) with its SGM option), img2img and hires fix add sigma x noise to the image."""
+    def scale(sigma, noise, image):
+        sigma = float(sigma)
+        if family.name == "flow":
+            return sigma * noise + (1.0 - sigma) * image
+        top = abs(sigma - sigma_top) <= 1e-6 * sigma_top
+        return noise * (math.sqrt(1.0 + sigma * sigma) if top and sgm else sigma) + image
+    return scale
+
+
+def call_padded(model, xs, sigma, batch, **kwargs):
+    """The web UI's denoiser on fewer than ``batch`` samples: its conditioning is made for ``batch`` images, so pad,
+    then keep the first ones."""
+    m = xs.shape[0]
+    if m < batch:
+        xs, sigma = torch_cat_pad(xs, batch), torch_cat_pad(sigma.reshape(-1), batch)
+    return model(xs, sigma, **kwargs)[:m]
+
+
 def fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, cfg, settings):
     """Calibrate this txt2img run's own setting (prompt, cfg, schedule) at a small batch, save it, return it with its
     path. ``settings``: batch_size and fine_steps (the web UI's options)."""
     import torch
     from calibrated_samplers.calibration import calibrate
+    from calibrated_samplers.calibration.library import first_use_path
     batch = x.shape[0]
     s0 = float(sigmas[0])
-    scale = s0 if family.name == "flow" or not env.sgm_noise_multiplier() else math.sqrt(1.0 + s0 * s0)
     g = torch.Generator().manual_seed(int(settings.get("seed", 0)))
-    states = torch.randn((int(settings["batch_size"]),) + tuple(x.shape[1:]), generator=g).to(x.device, x.dtype) * scale
+    noise = torch.randn((int(settings["batch_size"]),) + tuple(x.shape[1:]), generator=g).to(x.device, x.dtype)
+    states = start_state(family, env.sgm_noise_multiplier(), s0)(s0, noise, torch.zeros_like(noise))
     step = getattr(model, "step", None)  # the web UI's denoiser counts its calls (prompt editing): keep it
-
-    def denoiser(xs, sigma):
-        m = xs.shape[0]
-        if m < batch:
-            xs, sigma = torch_cat_pad(xs, batch), torch_cat_pad(sigma.reshape(-1), batch)
-        return model(xs, sigma, **extra_args)[:m]
     fp = model_fingerprint(sd_model)
     try:
-        cal = calibrate(denoiser, sigmas, name, states, family=family.name, shift=family.shift,
+        cal = calibrate(lambda xs, sigma: call_padded(model, xs, sigma, batch, **extra_args), sigmas, name, states, family=family.name, shift=family.shift,
                         fine_steps=int(settings["fine_steps"]), chunk_size=batch, end_to_end=False,
                         info={"made_by": "web UI first-use calibration", "cfg": cfg, "fingerprint": fp["id"],
                               "fingerprint_detail": fp, "latent_shape": list(x.shape[1:])})
     finally:
         if step is not None:
             model.step = step
-    digest = hashlib.sha256(str([round(float(v), 6) for v in sigmas]).encode()).hexdigest()[:8]
-    path = os.path.join(env.folder(), f"auto_{name}_{len(sigmas) - 1}steps_cfg{cfg or 0:g}_{fp['id'][-8:]}_{digest}"
-                                      ".safetensors")
+    path = first_use_path(env.folder(), name, sigmas, cfg, fp["id"])
     try:
         cal.save(path, replace=False)
     except FileExistsError:
@@ -199,11 +213,8 @@ def calibration_run(model, x, sigmas, extra_args, job, env, p):
     sd_model = env.sd_model()
     _, family = model_family(sd_model)
     s0 = float(sigmas[0])
-    if family.name == "flow":
-        scale = s0
-    else:  # what the web UI's txt2img does to its unit noise
-        scale = math.sqrt(1.0 + s0 * s0) if env.sgm_noise_multiplier() else s0
-    states = job.noise.to(x.device, x.dtype) * scale
+    start = start_state(family, env.sgm_noise_multiplier(), s0)
+    noise = job.noise.to(x.device, x.dtype)
     batch = x.shape[0]
     # the web UI made the weights and the conditioning under inference mode; the end-to-end stage needs normal ones
     net = env.denoiser_module(sd_model)
@@ -213,40 +224,29 @@ def calibration_run(model, x, sigmas, extra_args, job, env, p):
     fixed = {k: normal_tensors(v) for k, v in extra_args.items() if k not in ("cond",)}
 
     def denoiser(xs, sigma, prompt=0):
-        m = xs.shape[0]
-        if m < batch:  # the web UI's conditioning is made for ``batch`` images: pad, then keep the first m
-            xs = torch_cat_pad(xs, batch)
-            sigma = torch_cat_pad(sigma.reshape(-1), batch)
-        return model(xs, sigma, cond=conds[prompt], **fixed)[:m]
+        return call_padded(model, xs, sigma, batch, cond=conds[prompt], **fixed)
 
     fp = model_fingerprint(sd_model)
     cfg = float(extra_args.get("cond_scale", 1.0))
     info = dict(job.info, cfg=cfg, fingerprint=fp["id"], fingerprint_detail=fp)
+    conditions = [{"prompt": k} for k in range(len(job.prompts))]
     if job.spread is not None:
         from calibrated_samplers.calibration.ranges import calibrate_range, denoise_schedule, img2img_schedule
-        sgm = env.sgm_noise_multiplier()
 
         def with_cfg(value):
             fixed["cond_scale"] = value
-            return denoiser, [{"prompt": k} for k in range(len(job.prompts))]
-
-        def noise_scaling(sigma, noise, image):  # as the web UI's txt2img, img2img and hires fix start
-            sigma = float(sigma)
-            if family.name == "flow":
-                return sigma * noise + (1.0 - sigma) * image
-            top = abs(sigma - s0) <= 1e-6 * s0  # txt2img's start: its own scaling of pure noise
-            return noise * (math.sqrt(1.0 + sigma * sigma) if top and sgm else sigma) + image
+            return denoiser, conditions
         try:
             job.result = calibrate_range(
-                denoiser, env.schedule(p), job.method, job.noise.to(x.device, x.dtype), with_cfg=with_cfg,
-                noise_scaling=noise_scaling, denoise_rules=(denoise_schedule, img2img_schedule), family=family.name,
+                denoiser, env.schedule(p), job.method, noise, with_cfg=with_cfg,
+                noise_scaling=start, denoise_rules=(denoise_schedule, img2img_schedule), family=family.name,
                 shift=family.shift, progress=job.progress, cancel=job.cancel, chunk_size=batch,
                 info=dict(info, primary={"steps": len(sigmas) - 1, "cfg": cfg}), **job.spread, **job.fit_options)
         finally:
             fixed["cond_scale"] = cfg
         return x
-    job.result = calibrate(denoiser, sigmas, job.method, states, [{"prompt": k} for k in range(len(job.prompts))],
-                           family=family.name, shift=family.shift, progress=job.progress, cancel=job.cancel,
+    states = start(s0, noise, noise.new_zeros(noise.shape))
+    job.result = calibrate(denoiser, sigmas, job.method, states, conditions, family=family.name, shift=family.shift, progress=job.progress, cancel=job.cancel,
                            info=info, chunk_size=batch, **job.fit_options)
     return x
 
