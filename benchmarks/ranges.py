@@ -10,9 +10,13 @@
   the "dedicated" file is fitted on real digits instead (a user who calibrates on their own images).
 
 Endpoint RMSE on 200 test noises (20 per class, seed 1000) against a 100-step Heun reference from the same start.
-All fits see the same calibration noises (seed 0). Writes benchmarks/RANGES.md and benchmarks/RANGES.json.
+All fits of one run see the same calibration noises (``--seed``, 0 by default). A fit from 64 noises varies from
+one batch of noises to another (its held-out share is 16 noises), so runs with other seeds repeat the steps-and-cfg
+part, and the report compares the mean over seeds of the range file's error with the mean of the dedicated files'.
+Each run writes benchmarks/RANGES-seed<N>.json; the report benchmarks/RANGES.md is made from all of them.
 
-    .venv-bench/bin/python benchmarks/ranges.py [--quick] [--workers 2]
+    .venv-bench/bin/python benchmarks/ranges.py [--seed 0] [--skip-denoise] [--quick] [--workers 2]
+    .venv-bench/bin/python benchmarks/ranges.py --report   # RANGES.md again from the JSON files
 """
 import argparse
 import datetime
@@ -38,6 +42,7 @@ DEDICATED_CFGS = [4.5, 6.5]
 DENOISE_STEPS = [6, 10]
 DENOISES = [0.3, 0.5, 0.8]
 DENOISE_CFG = 5.0
+SEED = 0  # the calibration noises' (--seed)
 
 
 def setup(threads=1):  # one thread per fit; two fits run side by side
@@ -47,7 +52,7 @@ def setup(threads=1):  # one thread per fit; two fits run side by side
 
 
 def cal_noise(bed, n_cal):
-    return torch.randn(n_cal, *bed.shape, generator=torch.Generator().manual_seed(0))
+    return torch.randn(n_cal, *bed.shape, generator=torch.Generator().manual_seed(SEED))
 
 
 def real_digits(bed, n, offset):
@@ -142,6 +147,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small batches and fewer cells, to check the plumbing")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration noises")
+    ap.add_argument("--skip-denoise", action="store_true", help="the steps-and-cfg part only")
+    ap.add_argument("--report", action="store_true", help="only write RANGES.md from the RANGES-seed*.json files")
     ap.add_argument("--out", default=os.path.join(HERE, "RANGES.md"))
     ap.add_argument("--job", help=argparse.SUPPRESS)  # one fit, run by run_jobs in a process of its own
     args = ap.parse_args()
@@ -150,7 +158,11 @@ def main():
         globals().update(config)
         print(json.dumps(job((kind, tuple(job_args), n_cal, out_dir))))
         return
-    global STEPS, DEDICATED_CFGS, DENOISE_STEPS, DENOISES, FITTED_CFGS, TEST_CFGS
+    global STEPS, DEDICATED_CFGS, DENOISE_STEPS, DENOISES, FITTED_CFGS, TEST_CFGS, SEED
+    if args.report:
+        write_report(args.out)
+        return
+    SEED = args.seed
     n_cal, n_test = 64, 200
     if args.quick:
         n_cal, n_test, STEPS, DENOISE_STEPS, DENOISES = 30, 20, [4], [4], [0.5]
@@ -161,9 +173,9 @@ def main():
     started = time.perf_counter()
     work = tempfile.mkdtemp(prefix="ranges-")
     specs = ([("range", (c,), n_cal, work) for c in FITTED_CFGS]
-             + [("denoise", (real,), n_cal, work) for real in (False, True)]
+             + [("denoise", (real,), n_cal, work) for real in (False, True) if not args.skip_denoise]
              + [("dedicated", (n, c), n_cal, work) for c in DEDICATED_CFGS for n in reversed(STEPS)])
-    config = {"STEPS": STEPS, "DENOISE_STEPS": DENOISE_STEPS, "DENOISES": DENOISES}
+    config = {"STEPS": STEPS, "DENOISE_STEPS": DENOISE_STEPS, "DENOISES": DENOISES, "SEED": SEED}
     specs = [spec + (config,) for spec in specs]
     fits = []
     for r in run_jobs(specs, args.workers):
@@ -194,7 +206,7 @@ def main():
             print(row, flush=True)
     denoise_cells = []
     real = real_digits(bed, test.per * bed.classes, 100)  # disjoint from the calibration's real digits (the first ones)
-    for d in DENOISES:
+    for d in ([] if args.skip_denoise else DENOISES):
         for n in DENOISE_STEPS:
             sig = denoise_schedule(bed.sigmas, n, d)
             start = real + float(sig[0]) * test.unit
@@ -213,68 +225,115 @@ def main():
                                       for a in [f["args"]]},
             "dedicated_seconds": sum(f["seconds"] for f in fits if f["kind"] == "dedicated")}
     result = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-              "n_cal": n_cal, "n_test": n_test, "cells": cells, "denoise": denoise_cells, "cost": cost,
+              "n_cal": n_cal, "n_test": n_test, "seed": SEED, "cells": cells, "denoise": denoise_cells, "cost": cost,
               "minutes": (time.perf_counter() - started) / 60, "quick": args.quick}
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    with open(os.path.join(os.path.dirname(args.out), f"RANGES-seed{SEED}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(args.out, "w") as f:
-        f.write(report(result))
-    print(report(result))
+    write_report(args.out)
 
 
-def report(r):
-    lines = [f"# Range files against dedicated files ({r['date']})", "",
-             f"`.venv-bench/bin/python benchmarks/ranges.py` ({r['minutes']:.1f} min, 2 worker processes of one "
-             f"thread each, {r['machine']}, torch {r['torch']}){' --quick' if r['quick'] else ''}. "
-             f"{MODEL}, {SAMPLER}, default calibration (end to end included), {r['n_cal']} calibration noises, "
-             f"endpoint RMSE on {r['n_test']} test noises against a 100-step Heun reference.", "",
-             f"## Steps {', '.join(map(str, STEPS))}, cfg: one file fitted at cfg {', '.join(f'{c:g}' for c in FITTED_CFGS)}",
-             "", "Range / dedicated: the range file's error over a file fitted for exactly that steps and cfg. "
-             "Range / plain: over uncalibrated DPM++(2M) on the same schedule. (i): the range file interpolated "
-             "between its fitted cfgs.", "",
-             "| cfg | " + " | ".join(f"{n} steps" for n in STEPS) + " |", "|---" * (len(STEPS) + 1) + "|"]
-    worst = 0.0
-    for cfg in TEST_CFGS:
-        row = [c for c in r["cells"] if c["cfg"] == cfg]
+def write_report(out):
+    import glob
+    runs = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(out), "RANGES-seed*.json"))):
+        with open(path) as f:
+            runs.append(json.load(f))
+    if not runs:
+        raise SystemExit("no RANGES-seed*.json to report: run the benchmark first")
+    with open(out, "w") as f:
+        f.write(report(runs))
+    print(report(runs))
+
+
+def report(runs):
+    """RANGES.md from one or more runs (seeds) of the same settings."""
+    first = runs[0]
+    seeds = [r.get("seed", 0) for r in runs]
+    mean = lambda xs: sum(xs) / len(xs)
+    cells = {}  # (cfg, steps) -> the cell of every run
+    for r in runs:
+        for c in r["cells"]:
+            cells.setdefault((c["cfg"], c["steps"]), []).append(c)
+    steps = sorted({n for _, n in cells})
+    cfgs = sorted({c for c, _ in cells})
+    lines = [f"# Range files against dedicated files ({max(r['date'] for r in runs)})", "",
+             f"{MODEL}, {SAMPLER}, default calibration (end to end included), {first['n_cal']} calibration noises, "
+             f"endpoint RMSE on {first['n_test']} test noises against a 100-step Heun reference. "
+             f"{len(runs)} run(s), calibration noise seeds {', '.join(map(str, seeds))}, each "
+             "`.venv-bench/bin/python benchmarks/ranges.py --seed N` (seeds other than 0 with --skip-denoise), "
+             "2 worker processes of one thread each: " + "; ".join(
+                 f"seed {r.get('seed', 0)}: {r['minutes']:.1f} min{' --quick' if r['quick'] else ''}" for r in runs)
+             + f". {first['machine']}, torch {first['torch']}.", "",
+             f"## Steps {', '.join(map(str, steps))}, cfg: one file fitted at cfg "
+             f"{', '.join(f'{c:g}' for c in FITTED_CFGS)}", "",
+             "Range / dedicated: the range file's error over a file fitted for exactly that steps and cfg, each the mean "
+             "over the seeds' fits. Range / plain: over uncalibrated DPM++(2M) on the same schedule (the same in every "
+             "run). (i): the range file interpolated between its fitted cfgs.", "",
+             "| cfg | " + " | ".join(f"{n} steps" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    worst, worst_single = 0.0, 0.0
+    for cfg in cfgs:
         texts = []
-        for c in row:
-            t = f"{c['range']:.4f}"
-            if "dedicated" in c:
-                ratio = c["range"] / c["dedicated"]
+        for n in steps:
+            cs = cells.get((cfg, n), [])
+            if not cs:
+                texts.append("")
+                continue
+            t = f"{mean([c['range'] for c in cs]):.4f}"
+            ded = [c for c in cs if "dedicated" in c]
+            if ded:
+                ratio = mean([c["range"] for c in ded]) / mean([c["dedicated"] for c in ded])
                 worst = max(worst, ratio)
+                worst_single = max([worst_single] + [c["range"] / c["dedicated"] for c in ded])
                 t += f" ({ratio:.2f}x ded.)"
-            t += f" {c['range'] / c['plain']:.2f}x plain" + (" (i)" if c["interpolated"] else "")
+            t += f" {mean([c['range'] for c in cs]) / cs[0]['plain']:.2f}x plain" + (
+                " (i)" if cs[0]["interpolated"] else "")
             texts.append(t)
         lines.append(f"| {cfg:g} | " + " | ".join(texts) + " |")
-    lines += ["", f"Worst range / dedicated ratio: **{worst:.2f}x** (target: at most 1.1x).", ""]
-    ded = [c for c in r["cells"] if "dedicated" in c]
-    if ded:
-        lines.append("Dedicated files alone, for reference (RMSE): " + "; ".join(
-            f"{c['steps']} steps cfg {c['cfg']:g}: {c['dedicated']:.4f}" for c in ded))
-    cost = r["cost"]
+    lines += ["", f"Worst range / dedicated ratio (means over seeds): **{worst:.2f}x** (target: at most 1.1x).", ""]
+    if len(runs) > 1:
+        lines += ["### Each seed on its own", "",
+                  "Range / dedicated per run, and the dedicated file's RMSE: how much one 64-noise fit varies "
+                  f"(the worst single-run ratio is {worst_single:.2f}x).", "",
+                  "| cfg | seed | " + " | ".join(f"{n} steps" for n in steps) + " |",
+                  "|---" * (len(steps) + 2) + "|"]
+        for cfg in cfgs:
+            for k, seed in enumerate(seeds):
+                row = [next((c for c in runs[k]["cells"] if c["cfg"] == cfg and c["steps"] == n), None) for n in steps]
+                if not any(c is not None and "dedicated" in c for c in row):
+                    continue
+                lines.append(f"| {cfg:g} | {seed} | " + " | ".join(
+                    "" if c is None or "dedicated" not in c else
+                    f"{c['range'] / c['dedicated']:.2f}x (ded. {c['dedicated']:.4f})" for c in row) + " |")
+        lines.append("")
+    cost = first["cost"]
     per_file = list(cost["dedicated_evaluations"].values())
     mean_dedicated = sum(per_file) / max(1, len(per_file))
     n_entries = cost["range_entries"]
     equivalent = cost["range_evaluations"] + cost["teacher_saved"]
-    lines += ["", "### Cost (model evaluations per calibration noise)", "",
+    n_served = len(steps) * len(cfgs)
+    lines += [f"### Cost (model evaluations per calibration noise; the seed {seeds[0]} run)", "",
               f"- The range file ({n_entries} entries): {cost['range_evaluations']:.0f} evaluations, "
               f"{cost['range_seconds']:.0f} s. Its shared teachers saved {cost['teacher_saved']:.0f} evaluations: "
               f"**{cost['range_evaluations'] / equivalent:.2f}x** the cost of {n_entries} dedicated files for the "
               "same settings (each with its own teacher, same budget).",
               f"- Dedicated files measured here: {len(per_file)}, {mean_dedicated:.0f} evaluations each on average, "
               f"{cost['dedicated_seconds']:.0f} s in all.",
-              f"- Settings the range file serves among those tested: {len(STEPS) * len(TEST_CFGS)} "
-              f"({len(TEST_CFGS)} cfgs x {len(STEPS)} step counts); dedicated files for all of them would cost about "
-              f"{equivalent / n_entries * len(STEPS) * len(TEST_CFGS):.0f} evaluations, so the range file costs "
-              f"**{cost['range_evaluations'] / (equivalent / n_entries * len(STEPS) * len(TEST_CFGS)):.2f}x** "
-              "that (and any other cfg between 3 and 8 comes free).", "",
-              f"## Denoise (img2img from held-out real digits, cfg {DENOISE_CFG:g})", "",
-              "Range: the file fitted on the model's own samples (the default). Real data: fitted on real digits. "
-              "Ratios are to uncalibrated DPM++(2M) on the same schedule.", "",
-              "| denoise | steps | plain | range file | real-data file |", "|---|---|---|---|---|"]
-    for c in r["denoise"]:
-        lines.append(f"| {c['denoise']:g} | {c['steps']} | {c['plain']:.4f} | {c['range']:.4f} "
-                     f"({c['range'] / c['plain']:.2f}x) | {c['real_data']:.4f} ({c['real_data'] / c['plain']:.2f}x) |")
+              f"- Settings the range file serves among those tested: {n_served} "
+              f"({len(cfgs)} cfgs x {len(steps)} step counts); dedicated files for all of them would cost about "
+              f"{equivalent / n_entries * n_served:.0f} evaluations, so the range file costs "
+              f"**{cost['range_evaluations'] / (equivalent / n_entries * n_served):.2f}x** "
+              "that (and any other cfg between 3 and 8 comes free).", ""]
+    denoise = next((r for r in runs if r["denoise"]), None)
+    if denoise is not None:
+        lines += [f"## Denoise (img2img from held-out real digits, cfg {DENOISE_CFG:g}; the seed "
+                  f"{denoise.get('seed', 0)} run)", "",
+                  "Range: the file fitted on the model's own samples (the default). Real data: fitted on real digits. "
+                  "Ratios are to uncalibrated DPM++(2M) on the same schedule.", "",
+                  "| denoise | steps | plain | range file | real-data file |", "|---|---|---|---|---|"]
+        for c in denoise["denoise"]:
+            lines.append(f"| {c['denoise']:g} | {c['steps']} | {c['plain']:.4f} | {c['range']:.4f} "
+                         f"({c['range'] / c['plain']:.2f}x) | {c['real_data']:.4f} "
+                         f"({c['real_data'] / c['plain']:.2f}x) |")
     return "\n".join(lines) + "\n"
 
 
