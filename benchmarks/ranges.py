@@ -291,9 +291,13 @@ def report(runs):
         lines.append(f"| {cfg:g} | " + " | ".join(texts) + " |")
     lines += ["", f"Worst range / dedicated ratio (means over seeds): **{worst:.2f}x** (target: at most 1.1x).", ""]
     if len(runs) > 1:
+        spreads = sorted(max(d) / min(d) for cs in cells.values()
+                         for d in [[c["dedicated"] for c in cs if "dedicated" in c]] if len(d) > 1)
         lines += ["### Each seed on its own", "",
                   "Range / dedicated per run, and the dedicated file's RMSE: how much one 64-noise fit varies "
-                  f"(the worst single-run ratio is {worst_single:.2f}x).", "",
+                  f"(the worst single-run ratio is {worst_single:.2f}x). Dedicated files for the same setting fitted "
+                  f"from different noise batches differ by up to {spreads[-1]:.2f}x (median "
+                  f"{spreads[len(spreads) // 2]:.2f}x) between seeds.", "",
                   "| cfg | seed | " + " | ".join(f"{n} steps" for n in steps) + " |",
                   "|---" * (len(steps) + 2) + "|"]
         for cfg in cfgs:
