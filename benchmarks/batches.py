@@ -1,0 +1,106 @@
+"""How much the default calibration depends on its batch of noises (a diagnostic for issue 11's end-to-end stage).
+
+digits-eps cfg 1, iia_dpmpp_2m, 5 and 6 evaluations, the default calibration from three batches of 256 noises
+(seeds 0, 1, 2; BENCHMARKS.md uses seed 0), endpoint RMSE on BENCHMARKS.md's 200 test noises. For each fit it also
+reports what the end-to-end stage's *last* iterate would have given, run for its whole budget without the held-out
+check choosing an iterate or stopping early:
+the check compares mean squared endpoint errors on 64 held-out noises, which are heavy-tailed. Writes
+benchmarks/BATCHES.md.
+
+    .venv-bench/bin/python benchmarks/batches.py [--workers 2]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODEL, CFG, SAMPLER, EVALS, SEEDS = "digits-eps", 1.0, "iia_dpmpp_2m", (5, 6), (0, 1, 2)
+
+
+def job(seed, n, last):
+    torch.set_num_threads(1)
+    import run as bench
+    from calibrated_samplers.calibration import calibrate
+    from calibrated_samplers.calibration import end_to_end as E
+    from calibrated_samplers.calibration.testbed.analytic import rmse
+    from calibrated_samplers.samplers import SAMPLERS
+    if last:  # the whole budget, and its last iterate kept: no held-out choice or early stop (diagnostic only)
+        E.Learnable.load_state = lambda self, state: None
+        init = E.Stage.__init__
+
+        def no_early_stop(self, *a, **k):
+            init(self, *a, **dict(k, patience=10 ** 6))
+        E.Stage.__init__ = no_early_stop
+        optimise = E.Stage.optimise
+
+        def last_iterate(self, *a, **k):
+            out = optimise(self, *a, **k)
+            out["best_round"] = out["rounds"]
+            return out
+        E.Stage.optimise = last_iterate
+    st = bench.Setting(MODEL, CFG, 200, 256)
+    sig = st.bed.sigmas(n)
+    t0 = time.perf_counter()
+    cal = calibrate(st.bed.model, sig, SAMPLER, st.bed.noise(256, seed, sig), st.conditions, chunk_size=64,
+                    sigma_min=st.bed.sigma_min, **st.fam)
+    e2e = cal.info["end_to_end"]
+    return {"seed": seed, "evals": n, "last": last, "seconds": time.perf_counter() - t0,
+            "rmse": rmse(st.sample(SAMPLERS[SAMPLER], sig, calibration=cal, **st.fam), st.reference),
+            "best_round": e2e["best_round"], "rounds": e2e["rounds"], "start_held_out": e2e["start_held_out_rmse"],
+            "held_out": e2e["held_out_rmse"]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.job:
+        print(json.dumps(job(*json.loads(args.job))))
+        return
+    started = time.perf_counter()
+    specs = [(s, n, last) for s in SEEDS for n in EVALS for last in (False, True)]
+    results, pending, running = [], list(specs), []
+    while pending or running:
+        while pending and len(running) < args.workers:
+            running.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--job",
+                                             json.dumps(pending.pop(0))], stdout=subprocess.PIPE, text=True))
+        time.sleep(0.5)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            out = proc.stdout.read()
+            if proc.returncode:
+                raise SystemExit(f"a fit failed: {out[-2000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+            print(results[-1], flush=True)
+    lines = [f"# The default calibration across batches of noises ({datetime.date.today().isoformat()})", "",
+             f"`.venv-bench/bin/python benchmarks/batches.py` ({(time.perf_counter() - started) / 60:.1f} min, "
+             f"2 processes of one thread, {platform.platform()}, torch {torch.__version__}). {MODEL} cfg {CFG:g}, "
+             f"{SAMPLER}, default calibration from 256 noises of seed 0, 1 or 2; endpoint RMSE on the 200 test "
+             "noises of BENCHMARKS.md. Chosen: the iterate the held-out check keeps (what users get). Last: the "
+             "end-to-end stage run for its whole budget, its last iterate kept (diagnostic). Held-out: RMSE on the "
+             "fit's 64 held-out noises, at the start of the stage and at the chosen iterate.", "",
+             "| evals | seed | chosen | round chosen / rounds | last | held-out start -> chosen |",
+             "|---|---|---|---|---|---|"]
+    for n in EVALS:
+        for s in SEEDS:
+            chosen = next(r for r in results if r["seed"] == s and r["evals"] == n and not r["last"])
+            last = next(r for r in results if r["seed"] == s and r["evals"] == n and r["last"])
+            lines.append(f"| {n} | {s} | {chosen['rmse']:.4f} | {chosen['best_round']} / {chosen['rounds']} | "
+                         f"{last['rmse']:.4f} | {chosen['start_held_out']:.4f} -> {chosen['held_out']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(HERE, "BATCHES.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main()
