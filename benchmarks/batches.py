@@ -14,11 +14,12 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import torch
+
+from jobs import run_jobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL, CFG, SAMPLER, EVALS, SEEDS = "digits-eps", 1.0, "iia_dpmpp_2m", (5, 6), (0, 1, 2)
@@ -67,19 +68,10 @@ def main():
         return
     started = time.perf_counter()
     specs = [(s, n, last) for s in SEEDS for n in EVALS for last in (False, True)]
-    results, pending, running = [], list(specs), []
-    while pending or running:
-        while pending and len(running) < args.workers:
-            running.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--job",
-                                             json.dumps(pending.pop(0))], stdout=subprocess.PIPE, text=True))
-        time.sleep(0.5)
-        for proc in [p for p in running if p.poll() is not None]:
-            running.remove(proc)
-            out = proc.stdout.read()
-            if proc.returncode:
-                raise SystemExit(f"a fit failed: {out[-2000:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-            print(results[-1], flush=True)
+    results = []
+    for r in run_jobs(__file__, specs, args.workers):
+        results.append(r)
+        print(r, flush=True)
     lines = [f"# The default calibration across batches of noises ({datetime.date.today().isoformat()})", "",
              f"`.venv-bench/bin/python benchmarks/batches.py` ({(time.perf_counter() - started) / 60:.1f} min, "
              f"2 processes of one thread, {platform.platform()}, torch {torch.__version__}). {MODEL} cfg {CFG:g}, "

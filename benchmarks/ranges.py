@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import time
 import torch
 
 from calibrated_samplers.calibration.testbed.analytic import rmse
+from jobs import run_jobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLER = "iia_dpmpp_2m"
@@ -99,23 +99,6 @@ def job(spec):
             "teacher_saved": saved}
 
 
-def run_jobs(specs, workers):
-    """Each fit in its own process, ``workers`` at a time (a multiprocessing pool ran them 20x slower here)."""
-    pending, running = list(specs), []
-    while pending or running:
-        while pending and len(running) < workers:
-            spec = pending.pop(0)
-            running.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--job", json.dumps(spec)],
-                                            stdout=subprocess.PIPE, text=True))
-        time.sleep(0.5)
-        for proc in [p for p in running if p.poll() is not None]:
-            running.remove(proc)
-            out = proc.stdout.read()
-            if proc.returncode:
-                raise RuntimeError(f"a fit failed (exit {proc.returncode}): {out[-2000:]}")
-            yield json.loads(out.strip().splitlines()[-1])
-
-
 class Test:
     """The test noises, references and a sampler runner at one cfg (full denoise) or one denoise start."""
 
@@ -178,7 +161,7 @@ def main():
     config = {"STEPS": STEPS, "DENOISE_STEPS": DENOISE_STEPS, "DENOISES": DENOISES, "SEED": SEED}
     specs = [spec + (config,) for spec in specs]
     fits = []
-    for r in run_jobs(specs, args.workers):
+    for r in run_jobs(__file__, specs, args.workers):
         print(f"fitted {r['kind']} {r['args']} in {r['seconds']:.0f} s", flush=True)
         fits.append(r)
     from calibrated_samplers.calibration.file import CalibrationSet
