@@ -15,9 +15,15 @@ requiring gradients (the model's weights never do).
   keeps only its states), and the gradient is accumulated chunk by chunk, so the peak is one chunk's step
   whatever the batch. The model may be float16/bfloat16; the parameters and the solver's arithmetic are float32
   or better (samplers._core.work_dtype).
-- **Safety**: the held-out share picks the iterate (evaluated every ``eval_every`` iterations; the start is
-  iterate 0, so the result is never worse than the start on the held-out noises) and stops the run after
-  ``patience`` evaluations without improvement, or when the budget is spent.
+- **Schedule**: Adam on small minibatches, its learning rate decayed to zero over the budget (a cosine), so the
+  run ends settled rather than where a noisy step left it; the whole budget is spent (an early stop would cut
+  the decay short, and the settled end is where most of the gain is). The time steps learn ``sigma_lr`` times
+  faster than the other numbers: at the common rate they barely leave the requested schedule, whose choice
+  then decides too much (digits-eps, 5 evaluations, at the common rate: requested Karras rho 3, 5 and 7 ended
+  at test RMSE 0.046, 0.042 and 0.038).
+- **Safety**: the held-out share picks the iterate (checked ``checks`` times over the budget; the start is
+  checked first, so the result is never worse than the start on the held-out noises), and an iterate is taken
+  only when it beats the start by ``margin`` paired standard errors.
 """
 import math
 import time
@@ -130,13 +136,14 @@ def iia_scales(step_rms, gram, floor=1e-3):
 class Stage:
     """One end-to-end run on a calibration ``_Run`` (engine.py): fit chunks learn, held-out chunks judge."""
 
-    def __init__(self, run, method, options, learn, teacher_end, lr=0.01, eval_every=5, patience=8, batch=None,
-                 budget=None, time_limit=None, checkpoint=True, progress=None, margin=1.0, loss="rmse"):
+    def __init__(self, run, method, options, learn, teacher_end, lr=0.02, eval_every=5, patience=None, batch=None,
+                 budget=None, time_limit=None, checkpoint=True, progress=None, margin=1.0, loss="rmse", checks=20,
+                 sigma_lr=5.0):
         self.run, self.method, self.options, self.learn = run, method, dict(options), learn
         self.teacher_end = teacher_end
         self.lr, self.eval_every, self.patience, self.batch = lr, eval_every, patience, batch
         self.budget, self.time_limit, self.checkpoint, self.progress = budget, time_limit, checkpoint, progress
-        self.margin, self.loss = margin, loss
+        self.margin, self.loss, self.checks, self.sigma_lr = margin, loss, checks, sigma_lr
         self.fit = [ch for ch in run.chunks if not ch.held_out]
         self.held = [ch for ch in run.chunks if ch.held_out]
         self.n_fit = sum(ch.n for ch in self.fit)
@@ -237,7 +244,8 @@ class Stage:
                 or (self.time_limit is not None and time.perf_counter() - started >= self.time_limit))
 
     def optimise(self, optimizer="adam", max_rounds=200):
-        """Rounds of ``eval_every`` optimiser iterations, each followed by the held-out check; keeps the best.
+        """Rounds of optimiser iterations (Adam: 1/``checks`` of the budget; L-BFGS: ``eval_every``), each followed
+        by the held-out check; keeps the best.
 
         Runs with autograd on even where the caller is in ``torch.inference_mode`` (ComfyUI executes nodes so):
         tensors made there cannot be saved for backward, so the model's own weights must be normal tensors (the
@@ -267,7 +275,10 @@ class Stage:
             opt = torch.optim.LBFGS(params, lr=1.0, max_iter=self.eval_every, history_size=20,
                                     line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
         else:
-            opt = torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.99))
+            groups = [{"params": [v for k, v in self.learn.leaves.items() if k != "gaps"], "scale": 1.0},
+                      {"params": [v for k, v in self.learn.leaves.items() if k == "gaps"], "scale": self.sigma_lr}]
+            opt = torch.optim.Adam([dict(g, lr=self.lr * g["scale"]) for g in groups if g["params"]],
+                                   betas=(0.9, 0.99))
         gen, queue = torch.Generator().manual_seed(0), []
 
         def closure():
@@ -287,21 +298,29 @@ class Stage:
                 return False
             if self.budget is not None:  # cosine decay over the budget: large steps first, a settled end
                 for group in opt.param_groups:
-                    group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.budget)))
+                    decay = 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.budget)))
+                    group["lr"] = group["scale"] * self.lr * decay
             opt.step()
             if self.progress is not None:
                 self.progress(self.spent)
             return True
 
-        stale = 0
-        for rnd in range(1, max_rounds + 1):
-            if self._out_of_budget(started):
-                break
+        stale, rnd = 0, 0
+        # Adam with a budget: a held-out check each 1/checks of it, so the checks cost the same share whatever the
+        # batch; otherwise (or L-BFGS) one every eval_every iterations
+        every = self.budget / self.checks if optimizer == "adam" and self.budget and self.checks else None
+        while rnd < max_rounds and not self._out_of_budget(started):
+            rnd += 1
             if optimizer == "lbfgs":
                 opt.step(closure)
-            else:
+            elif every is None:
                 for _ in range(self.eval_every):
                     if self._out_of_budget(started) or not adam_step():
+                        break
+            else:
+                due = min(self.budget, self.history[-1]["spent"] + every)
+                while self.spent < due and not self._out_of_budget(started):
+                    if not adam_step():
                         break
             if not self._finite():  # diverged (a step far too large): the best iterate so far stands
                 break
@@ -314,7 +333,7 @@ class Stage:
                 best, stale = (held, rnd, self.learn.state()), 0
             else:
                 stale += 1
-                if stale >= self.patience:
+                if self.patience is not None and stale >= self.patience:
                     break
         self.learn.load_state(best[2])
         return {"optimizer": optimizer, "rounds": len(self.history) - 1, "best_round": best[1],

@@ -521,7 +521,7 @@ def _best_variant(model, sigmas, sampler, noise, extra_args, progress, settings,
 def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,
               sigma_min=None, end_to_end=True, learn_params=True, learn_sigmas=True, budget=None, time_limit=None,
-              optimizer="adam", learning_rate=0.01, fit_batch=32, storage_device=None, progress=None, cancel=None,
+              optimizer="adam", learning_rate=0.02, fit_batch=16, storage_device=None, progress=None, cancel=None,
               info=None, shared_teacher=None, **options):
     """Fit ``sampler``'s per-step parameters to ``model`` on the schedule ``sigmas``; returns a ``Calibration``.
 
