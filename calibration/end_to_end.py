@@ -297,8 +297,8 @@ class Stage:
             if not self._finite(grads=True):
                 return False
             if self.budget is not None:  # cosine decay over the budget: large steps first, a settled end
+                decay = 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.budget)))
                 for group in opt.param_groups:
-                    decay = 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.budget)))
                     group["lr"] = group["scale"] * self.lr * decay
             opt.step()
             if self.progress is not None:
