@@ -9,8 +9,9 @@ requiring gradients (the model's weights never do).
 - **Parametrisation** (all in units where a step of 0.01 is a small, comparable change): IIA coefficients move
   by multiples of the step's own displacement measured in their basis vector's norm (so a coefficient on the
   state, whose vector is large early on, and one on a small difference move the sample alike); AMED's ``r`` and
-  ``c`` move additively, ``a`` multiplicatively; the interior log-sigmas are the cumulative sums of softmax
-  gaps over the fixed span, so they stay ordered and the first and last sigma stay as requested.
+  ``c`` move additively, ``a`` multiplicatively; the log-sigmas are the cumulative sums of softmax gaps over the
+  span, so they stay ordered; the first and the final sigma stay as requested. Into sigma = 0 the last positive
+  sigma is free too (a smooth floor keeps it above the model's sigma_min), so the span itself is learned.
 - **Memory**: each step is checkpointed (its activations are recomputed in the backward pass, so a trajectory
   keeps only its states), and the gradient is accumulated chunk by chunk, so the peak is one chunk's step
   whatever the batch. The model may be float16/bfloat16; the parameters and the solver's arithmetic are float32
@@ -36,17 +37,19 @@ from ..samplers._core import Denoiser, integrate
 from ..samplers.amed import DEFAULTS as AMED_DEFAULTS
 
 R_BOUNDS = (0.02, 1.0)
+END_SHARPNESS = 100.0  # how sharply the last positive sigma's floor bends: a requested one at the floor starts 0.7% up
 
 
 class Learnable:
     """The free numbers of one calibration and how they map to the sampler's parameters and schedule."""
 
-    def __init__(self, kind, params, sig, learn_params=True, learn_sigmas=True, scales=None, device="cpu"):
+    def __init__(self, kind, params, sig, learn_params=True, learn_sigmas=True, scales=None, device="cpu",
+                 floor=None, learn_end=True):
         # everything is made (or copied) outside inference mode: autograd may then save it
         with torch.inference_mode(False):
-            self._build(kind, params, sig, learn_params, learn_sigmas, scales, device)
+            self._build(kind, params, sig, learn_params, learn_sigmas, scales, device, floor, learn_end)
 
-    def _build(self, kind, params, sig, learn_params, learn_sigmas, scales, device):
+    def _build(self, kind, params, sig, learn_params, learn_sigmas, scales, device, floor, learn_end):
         self.kind, self.device = kind, torch.device(device)
         self.start = {k: None if v is None else v.detach().to(self.device, torch.float64).clone()
                       for k, v in params.items()}
@@ -62,13 +65,22 @@ class Learnable:
             else:
                 for k in ("r", "c", "a"):
                     self.leaves[k] = torch.zeros_like(self.start[k])
-        # the span [sigma_0, last positive sigma] stays; the points inside it move
+        # sigma_0 and the final sigma stay; the points between move. Into sigma = 0 the last positive sigma moves
+        # too (the last step only denoises, and where it starts matters at few steps), kept above ``floor``
         self.last = len(self.sig) - (2 if self.sig[-1] == 0 else 1)
-        self.learn_sigmas = learn_sigmas and self.last >= 2
+        self.learn_end = bool(learn_sigmas and learn_end and self.sig[-1] == 0 and self.last >= 1)
+        self.learn_sigmas = bool(learn_sigmas and (self.last >= 2 or self.learn_end))
         if self.learn_sigmas:
             logs = torch.tensor([math.log(s) for s in self.sig[:self.last + 1]], dtype=torch.float64)
             self.span = float(logs[0] - logs[-1])
             self.leaves["gaps"] = (logs[:-1] - logs[1:]).log().to(self.device)
+        if self.learn_end:
+            # log of the last positive sigma = log floor + softplus(END_SHARPNESS * (requested + end - log floor))
+            # / END_SHARPNESS: smooth, never below the floor, and at the start the requested one (or just above a
+            # requested one that sits at the floor)
+            self.log_floor = math.log(min(floor, self.sig[self.last]) if floor else self.sig[self.last])
+            self.log_last = math.log(self.sig[self.last])
+            self.leaves["end"] = torch.zeros((), dtype=torch.float64, device=self.device)
         for t in self.leaves.values():
             t.requires_grad_(True)
 
@@ -89,9 +101,13 @@ class Learnable:
         if not self.learn_sigmas:
             return params, self.sig
         fractions = torch.softmax(L["gaps"], 0).cumsum(0)
-        logs = math.log(self.sig[0]) - self.span * fractions
-        sig = [self.sig[0]] + [logs[j - 1].exp() for j in range(1, self.last)] + self.sig[self.last:]
-        return params, sig
+        if not self.learn_end:
+            logs = math.log(self.sig[0]) - self.span * fractions
+            return params, [self.sig[0]] + [logs[j - 1].exp() for j in range(1, self.last)] + self.sig[self.last:]
+        lowest = self.log_floor + torch.nn.functional.softplus(
+            END_SHARPNESS * (self.log_last + L["end"] - self.log_floor)) / END_SHARPNESS
+        logs = math.log(self.sig[0]) - (math.log(self.sig[0]) - lowest) * fractions
+        return params, [self.sig[0]] + [logs[j - 1].exp() for j in range(1, self.last + 1)] + self.sig[self.last + 1:]
 
     def values(self):
         """(params as float64 CPU tensors, the learned sigmas as a float64 tensor or None)."""
@@ -275,8 +291,9 @@ class Stage:
             opt = torch.optim.LBFGS(params, lr=1.0, max_iter=self.eval_every, history_size=20,
                                     line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
         else:
-            groups = [{"params": [v for k, v in self.learn.leaves.items() if k != "gaps"], "scale": 1.0},
-                      {"params": [v for k, v in self.learn.leaves.items() if k == "gaps"], "scale": self.sigma_lr}]
+            timing = ("gaps", "end")
+            groups = [{"params": [v for k, v in self.learn.leaves.items() if k not in timing], "scale": 1.0},
+                      {"params": [v for k, v in self.learn.leaves.items() if k in timing], "scale": self.sigma_lr}]
             opt = torch.optim.Adam([dict(g, lr=self.lr * g["scale"]) for g in groups if g["params"]],
                                    betas=(0.9, 0.99))
         gen, queue = torch.Generator().manual_seed(0), []

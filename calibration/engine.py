@@ -498,6 +498,67 @@ def _endpoint_check(run, method, params, kind, teacher_end, candidates, family):
     return out
 
 
+END_FACTORS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # raised last positive sigmas the start schedule is chosen among
+PROBE_NOISES = 64
+
+
+def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_steps, holdout, chunk_size,
+                storage_device, cancel, sigma_min, options):
+    """The requested schedule with its last positive sigma raised by the one of ``END_FACTORS`` whose plain base
+    solver ends closest to the teacher on a probe of fit noises (never held-out ones), the spacing between
+    rescaled in log sigma; returns (sigmas, info).
+
+    At few steps the best last sigma is often far above the model's sigma_min (the step into 0 only denoises),
+    further than the end-to-end stage's gradient steps would carry it from there."""
+    sig = [float(s) for s in sigmas]
+    n_groups = len(conditions)
+    picks, start = [], 0
+    for size in _split_sizes(int(noise.shape[0]), n_groups):
+        n_fit = size - int(round(holdout * size))
+        picks.append(noise[start:start + min(n_fit, max(1, PROBE_NOISES // n_groups))])
+        start += size
+    probe = _Run(model, sigmas, torch.cat(picks), conditions, family, chunk_size, 0.0, storage_device, None, cancel,
+                 None if sigma_min is None else float(sigma_min))
+    teacher = _Teacher(probe, base, fine_steps, options)
+    for i in range(probe.n_steps):
+        teacher.advance(i, range(len(probe.chunks)))
+    target = teacher.endpoint()
+    logs = torch.tensor([math.log(s) for s in sig[:-1]], dtype=torch.float64)
+    candidates, scores = [], []
+    for factor in END_FACTORS:
+        lowest = sig[-2] * factor
+        if factor > 1 and math.log(sig[0] / lowest) < 0.25 * math.log(sig[0] / sig[-2]):  # keep the steps room
+            break
+        scaled = logs[0] - (logs[0] - logs) * (logs[0] - math.log(lowest)) / float(logs[0] - logs[-1])
+        cand = torch.cat([scaled.exp(), torch.zeros(1, dtype=torch.float64)])
+        cand[0] = sig[0]
+        cand = cand.to(sigmas.dtype)
+        candidates.append((factor, cand))
+        scores.append(_plain_error(probe, sampler, cand, target, options))
+    best = min(range(len(scores)), key=lambda k: (scores[k], k))
+    info = {"factors": [f for f, _ in candidates], "probe_rmse": [round(e, 6) for e in scores],
+            "chosen_factor": candidates[best][0], "probe_noises": int(probe.x0.shape[0]),
+            "sample_evaluations": probe.sample_evaluations, "model_calls": probe.model_calls}
+    return candidates[best][1], info
+
+
+def _plain_error(probe, sampler, sig, target, options):
+    """RMSE of ``sampler`` uncalibrated (its base solver) on ``sig`` against ``target``."""
+    fn = SAMPLERS[sampler]
+    evaluations = fn.evaluations(sig, **options)
+    err, count = 0.0, 0
+    for ch in probe.chunks:
+        end = fn(probe.model, probe.x0[ch.sl].to(probe.device), sig.to(probe.device),
+                 extra_args=probe.conditions[ch.group], disable=True, family=probe.family.name,
+                 shift=probe.family.shift, **options)
+        probe.model_calls += evaluations
+        probe.sample_evaluations += evaluations * ch.n
+        err += float((_flat(end) - _flat(target[ch.sl].to(probe.device))).pow(2).sum())
+        count += end.numel()
+        probe.check_cancel()
+    return math.sqrt(err / count)
+
+
 def _best_variant(model, sigmas, sampler, noise, extra_args, progress, settings, variants):
     """Calibrate once per solver-option variant; keep the one with the lowest held-out endpoint error."""
     results = []
@@ -538,7 +599,11 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     ``storage_device``: where per-sample states wait between chunks (e.g. "cpu" to spare GPU memory).
     ``end_to_end``: after the per-step fit, learn all steps' parameters jointly through the sampler and the
     model against the teacher's endpoint (end_to_end.py; needs ``validate`` and a held-out share).
-    ``learn_sigmas``: let that stage move the interior time steps too (the file then samples on them).
+    ``learn_sigmas``: let that stage move the time steps too (the file then samples on them): every sigma between
+    the first and the last, and into sigma = 0 the last positive one as well (never below ``sigma_min``);
+    ``"interior"`` keeps the last positive sigma as requested. With ``True`` (and no ``shared_teacher``) the fit
+    also starts from a raised last positive sigma where the plain solver ends closer to the teacher on a probe of
+    fit noises (``_raised_end``; ``info["start_schedule"]``); the file then samples on its own schedule.
     ``learn_params=False``: keep the sampler's own parameters at the base solver's (no per-step fit); with
     ``learn_sigmas`` only the time steps are learned (an LD3-style schedule for the plain solver).
     ``budget``: model-evaluation equivalents per noise that stage may spend (a backward pass counts two;
@@ -569,6 +634,8 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         raise ValueError(f"fine_steps must be at least 1, got {fine_steps}")
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if learn_sigmas not in (True, False, "interior"):
+        raise ValueError(f"learn_sigmas must be True, False or 'interior', got {learn_sigmas!r}")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     if not torch.is_tensor(noise) or noise.ndim < 2:
@@ -581,6 +648,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         raise ValueError("extra_args is an empty list: give at least one condition (or None)")
     check_request(batch_size=int(noise.shape[0]), prompts=len(conditions), holdout=holdout)
     fam = Family.of(family, shift)
+    requested = sigmas.detach().cpu().to(torch.float64)
     user_options = dict(options)
     if sampler == "amed_ipndm" and "variable_step" not in options:
         # learned intermediate times make the refined grid non-uniform, where iPNDM's fixed weights (which
@@ -594,8 +662,17 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     afs = bool(options.get("afs", False))
     solver_options = {k: v for k, v in options.items() if k not in ("afs", "basis")}
     started = time.perf_counter()
+    start_schedule = None
+    if (end_to_end and validate and holdout > 0 and learn_sigmas is True and shared_teacher is None
+            and float(sigmas[-1]) == 0 and len(sigmas) >= 3):
+        sigmas, start_schedule = _raised_end(model, sigmas, noise, conditions, fam, sampler, fn.base,
+                                             int(fine_steps), holdout, int(chunk_size), storage_device, cancel,
+                                             sigma_min, options)
     run = _Run(model, sigmas, noise, conditions, fam, int(chunk_size), holdout, storage_device, progress, cancel,
                None if sigma_min is None else float(sigma_min))
+    if start_schedule is not None:
+        run.sample_evaluations += start_schedule.pop("sample_evaluations")
+        run.model_calls += start_schedule.pop("model_calls")
     n_chunks = len(run.chunks)
     held = [j for j, ch in enumerate(run.chunks) if ch.held_out]
     end_to_end = bool(end_to_end and validate and held and (learn_params or learn_sigmas))
@@ -654,8 +731,9 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         if shared_teacher is not None:
             sequential_cost += shared_teacher.dedicated_cost(run.n_steps)
         limit = BUDGET_FACTOR * sequential_cost if budget is None else float(budget)
-        learn = E.Learnable(fn.kind, params, run.sig, learn_params=learn_params, learn_sigmas=learn_sigmas,
-                            scales=scales.get("coeffs"), device=run.device)
+        learn = E.Learnable(fn.kind, params, run.sig, learn_params=learn_params, learn_sigmas=bool(learn_sigmas),
+                            scales=scales.get("coeffs"), device=run.device, floor=run.sigma_min,
+                            learn_end=learn_sigmas != "interior")
         start = run.done
         stage = E.Stage(run, sampler, options, learn, teacher.endpoint(), lr=learning_rate, batch=fit_batch,
                         budget=limit, time_limit=time_limit,
@@ -685,7 +763,11 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     })
     if fn.kind == "iia":
         meta["history"] = variant.depth(params["coeffs"].shape[1])
-    return Calibration(sampler, sigmas, params, family=fam.name, shift=fam.shift, options=options, info=meta,
+    if start_schedule is not None:
+        meta["start_schedule"] = start_schedule
+        if sample_sigmas is None and not torch.equal(run.sigmas.cpu().to(torch.float64), requested):
+            sample_sigmas = run.sigmas.detach().cpu().to(torch.float64)
+    return Calibration(sampler, requested, params, family=fam.name, shift=fam.shift, options=options, info=meta,
                        sample_sigmas=sample_sigmas, residual_before=before, residual_after=after, fallback=fallback)
 
 

@@ -61,13 +61,71 @@ def test_learns_the_known_optimal_time_step():
     start = torch.tensor([s0, 1.6, s2, 0.0], dtype=torch.float64)  # deliberately far from it
     noise = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s0
     cal = calibrate(model, start, "iia_dpmpp_2m", noise, family="edm", fine_steps=200, sigma_min=s2,
-                    learn_params=False, optimizer="lbfgs", budget=5000)
+                    learn_params=False, learn_sigmas="interior", optimizer="lbfgs", budget=5000)
     learned = cal.sample_sigmas
     assert learned is not None and learned[0] == s0 and learned[2] == s2 and learned[3] == 0
     print(f"learned s1 {float(learned[1]):.5f}, optimum {best:.5f}")
     assert float(learned[1]) == pytest.approx(best, rel=0.01)
     assert torch.equal(cal.sigmas, start) and not cal.params["coeffs"].any()  # key unchanged, solver plain
     assert model.weight.grad is None
+
+
+def _golden_max(f, lo, hi):
+    for _ in range(200):
+        a, b = lo + 0.382 * (hi - lo), hi - 0.382 * (hi - lo)
+        lo, hi = (a, hi) if f(a) < f(b) else (lo, b)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("floor", [0.05, 0.6])
+def test_learns_the_known_optimal_last_positive_sigma(floor):
+    """[s0, s1, 0]: DDIM to s1, then the denoiser. For N(0, var I) data the endpoint is x kappa(s1) (s1/s0 + (1 -
+    s1/s0) kappa(s0)), below the exact ODE's factor for every s1, so the best s1 maximises it; the learned last
+    positive sigma lands there, or, when that lies below the model's sigma_min, at sigma_min and never below."""
+    model, var, s0 = IsotropicGaussian(), 0.25, 2.0
+    kappa = lambda v: var / (var + v * v)  # noqa: E731
+    gain = lambda s1: kappa(s1) * (s1 / s0 + (1 - s1 / s0) * kappa(s0))  # noqa: E731
+    best = _golden_max(gain, 1e-3, s0)
+    assert gain(best) < math.sqrt(var / (var + s0 * s0))  # no s1 is exact: the optimum is the maximum
+    assert 0.05 < best < 0.6  # one floor below the optimum, one above it
+    start = torch.tensor([s0, 1.2, 0.0], dtype=torch.float64)
+    noise = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s0
+    cal = calibrate(model, start, "iia_dpmpp_2m", noise, family="edm", fine_steps=200, sigma_min=floor,
+                    learn_params=False, optimizer="lbfgs", budget=5000)
+    learned = float(cal.sample_sigmas[1])
+    print(f"floor {floor}: learned {learned:.5f}, optimum {best:.5f}")
+    if best > floor:
+        assert learned == pytest.approx(best, rel=0.01)
+    else:
+        assert floor <= learned <= floor * 1.01
+    assert torch.equal(cal.sigmas, start)
+
+
+def test_start_schedule_raises_the_last_sigma_where_the_plain_solver_ends_closest():
+    """Before the fit, the last positive sigma is raised by the factor whose plain DPM-Solver++(2M) ends closest to the
+    teacher; on Gaussian data that is the factor whose closed-form endpoint (above) is nearest the exact ODE's."""
+    from calibrated_samplers.calibration.engine import END_FACTORS
+    model, var = IsotropicGaussian(), 0.25
+    s0, s1, s2 = 2.0, 0.5, 0.01
+    exact = math.sqrt(var / (var + s0 * s0))
+    errors = {}
+    for f in END_FACTORS:
+        lowest = s2 * f
+        if f > 1 and math.log(s0 / lowest) < 0.25 * math.log(s0 / s2):
+            break
+        # the interior sigma keeps its place in log sigma relative to the span
+        t = math.log(s0 / s1) / math.log(s0 / s2)
+        mid = s0 * (lowest / s0) ** t
+        errors[f] = abs(dpmpp_2m_two_steps(s0, mid, lowest, var) - exact)
+    best = min(errors, key=errors.get)
+    assert 1.0 < best < max(errors)  # a raised end helps, and not the largest one tried
+    start = torch.tensor([s0, s1, s2, 0.0], dtype=torch.float64)
+    noise = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s0
+    cal = calibrate(model, start, "iia_dpmpp_2m", noise, family="edm", fine_steps=200, sigma_min=s2, budget=20)
+    info = cal.info["start_schedule"]
+    print({f: round(e, 5) for f, e in errors.items()}, info)
+    assert info["factors"] == list(errors) and info["chosen_factor"] == best
+    assert torch.equal(cal.sigmas, start) and cal.sample_sigmas is not None and float(cal.sample_sigmas[2]) > s2
 
 
 def test_gradients_reach_the_leaves_and_not_the_model():
