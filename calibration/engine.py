@@ -476,18 +476,20 @@ def _scaled(params, kind, strength):
     return {k: A.DEFAULTS[k] + strength * (v - A.DEFAULTS[k]) for k, v in params.items()}
 
 
-def _endpoint_check(run, method, params, kind, teacher_end, candidates, family):
-    """Held-out endpoint RMSE against the teacher for each candidate (strength, options), in order."""
+def _endpoint_check(run, method, params, kind, teacher_end, candidates, family, sigmas=None):
+    """Held-out endpoint RMSE against the teacher for each candidate (strength, options), in order, sampled on the
+    run's schedule or on ``sigmas``."""
     held = [ch for ch in run.chunks if ch.held_out]
     fn = SAMPLERS[method]
+    sigmas = run.sigmas if sigmas is None else sigmas.to(run.device, run.sigmas.dtype)
     out = []
     for strength, options in candidates:
         cal = _scaled(params, kind, strength) if strength else None
-        evaluations = fn.evaluations(run.sigmas, **options)
+        evaluations = fn.evaluations(sigmas, **options)
         err, count = 0.0, 0
         for ch in held:
             x = run.x0[ch.sl].to(run.device)
-            end = fn(run.model, x, run.sigmas, extra_args=run.conditions[ch.group], disable=True, calibration=cal,
+            end = fn(run.model, x, sigmas, extra_args=run.conditions[ch.group], disable=True, calibration=cal,
                      family=family.name, shift=family.shift, **options)
             run.model_calls += evaluations
             run.sample_evaluations += evaluations * ch.n
@@ -694,6 +696,8 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     n_candidates = (len(STRENGTHS) if sequential else 1) + (1 if user_options != options else 0)
     run.total = units + run.n_steps * teacher_chunks + (n_candidates * len(held) if validate else 0)
     run.total += E2E_UNITS if end_to_end else 0
+    raised = start_schedule is not None and not torch.equal(run.sigmas.cpu().to(torch.float64), requested)
+    run.total += len(held) if raised else 0  # the final check of the plain solver on the requested schedule
     if shared_teacher is not None and (target != "trajectory" or not shared_teacher.covers(run.sig)):
         shared_teacher = None
     teacher = (_Teacher(run, fn.base, int(fine_steps), options) if shared_teacher is None
@@ -749,6 +753,19 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                 fallback = _unchanged_steps(params, fn.kind)
         endpoint = (endpoint or []) + [{"stage": "end_to_end", "options": dict(options),
                                         "rmse": fit_info["end_to_end"]["held_out_rmse"]}]
+    if raised:
+        # the base a calibration must never end worse than is the plain solver on the schedule the user asked for,
+        # not only on the raised one the probe (on fit noises) preferred: the same held-out noises judge both
+        plain = _endpoint_check(run, sampler, params, fn.kind, teacher.endpoint(), [(0.0, user_options)], fam,
+                                requested)[0]
+        start_schedule["requested_held_out_rmse"] = plain
+        start_schedule["kept_requested"] = plain < fit_info["end_to_end"]["held_out_rmse"]
+        if start_schedule["kept_requested"]:
+            columns = params["coeffs"].shape[1] if fn.kind == "iia" else None
+            params, sample_sigmas = _base_params(fn.kind, run.n_steps, columns), None
+            options, strength = user_options, 0.0
+            if fallback is not None:
+                fallback = torch.ones_like(fallback)
     elapsed = time.perf_counter() - started
     meta = dict(info or {})
     meta.update({
@@ -765,7 +782,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         meta["history"] = variant.depth(params["coeffs"].shape[1])
     if start_schedule is not None:
         meta["start_schedule"] = start_schedule
-        if sample_sigmas is None and not torch.equal(run.sigmas.cpu().to(torch.float64), requested):
+        if sample_sigmas is None and raised and not start_schedule["kept_requested"]:
             sample_sigmas = run.sigmas.detach().cpu().to(torch.float64)
     return Calibration(sampler, requested, params, family=fam.name, shift=fam.shift, options=options, info=meta,
                        sample_sigmas=sample_sigmas, residual_before=before, residual_after=after, fallback=fallback)
