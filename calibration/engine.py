@@ -669,12 +669,13 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     afs = bool(options.get("afs", False))
     solver_options = {k: v for k, v in options.items() if k not in ("afs", "basis")}
     started = time.perf_counter()
-    start_schedule = None
+    start_schedule, asked = None, sigmas
     if (end_to_end and validate and holdout > 0 and learn_sigmas is True and shared_teacher is None
             and float(sigmas[-1]) == 0 and len(sigmas) >= 3):
-        sigmas, start_schedule = _raised_end(model, sigmas, noise, conditions, fam, sampler, fn.base,
-                                             int(fine_steps), holdout, int(chunk_size), storage_device, cancel,
-                                             sigma_min, options)
+        with torch.no_grad():
+            sigmas, start_schedule = _raised_end(model, sigmas, noise, conditions, fam, sampler, fn.base,
+                                                 int(fine_steps), holdout, int(chunk_size), storage_device, cancel,
+                                                 sigma_min, options)
     run = _Run(model, sigmas, noise, conditions, fam, int(chunk_size), holdout, storage_device, progress, cancel,
                None if sigma_min is None else float(sigma_min))
     if start_schedule is not None:
@@ -764,16 +765,26 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     if raised:
         # the base a calibration must never end worse than is the plain solver on the schedule the user asked for,
         # not only on the raised one the probe (on fit noises) preferred: the same held-out noises judge both
-        plain = _endpoint_check(run, sampler, params, fn.kind, teacher.endpoint(), [(0.0, user_options)], fam,
-                                requested)[0]
+        with torch.no_grad():
+            plain = _endpoint_check(run, sampler, params, fn.kind, teacher.endpoint(), [(0.0, user_options)], fam,
+                                    requested)[0]
         start_schedule["requested_held_out_rmse"] = plain
         start_schedule["kept_requested"] = plain < fit_info["end_to_end"]["held_out_rmse"]
-        if start_schedule["kept_requested"]:
-            columns = params["coeffs"].shape[1] if fn.kind == "iia" else None
-            params, sample_sigmas = _base_params(fn.kind, run.n_steps, columns), None
+        if start_schedule["kept_requested"] and not learn_params:  # a schedule-only fit: the plain solver as asked
+            params, sample_sigmas = _base_params(fn.kind, run.n_steps, _columns(params)), None
             options, strength = user_options, 0.0
-            if fallback is not None:
-                fallback = torch.ones_like(fallback)
+        elif start_schedule["kept_requested"]:
+            # the raise did worse: fit the requested schedule step by step instead (its own held-out check keeps it
+            # no worse than that plain solver); the progress bar has reached its end and waits for it
+            cal = calibrate(model, asked, sampler, noise, extra_args, **dict(settings, end_to_end=False),
+                            **user_options)
+            cal.info["start_schedule"] = start_schedule
+            cal.info["raised_attempt"] = {"end_to_end": fit_info["end_to_end"],
+                                          "model_evaluations_per_sample": run.sample_evaluations / noise.shape[0]}
+            cal.info["model_evaluations_per_sample"] += run.sample_evaluations / noise.shape[0]
+            cal.info["model_calls"] += run.model_calls
+            cal.info["seconds"] = round(time.perf_counter() - started, 3)
+            return cal
     elapsed = time.perf_counter() - started
     meta = dict(info or {})
     meta.update({
@@ -801,6 +812,11 @@ def _base_params(kind, n_steps, columns=None):
     if kind == "iia":
         return {"coeffs": torch.zeros(n_steps, columns, dtype=torch.float64)}
     return {k: torch.full((n_steps,), A.DEFAULTS[k], dtype=torch.float64) for k in ("r", "c", "a")}
+
+
+def _columns(params):
+    """IIA's coefficients per step, or None for AMED."""
+    return params["coeffs"].shape[1] if "coeffs" in params else None
 
 
 def _unchanged_steps(params, kind):

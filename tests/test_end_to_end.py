@@ -152,6 +152,24 @@ def test_a_raised_start_that_does_worse_on_held_out_noises_gives_way_to_the_requ
                                fn(model, noise, start, disable=True), rtol=0, atol=0)
 
 
+def test_with_its_numbers_learned_a_losing_raise_gives_way_to_the_per_step_fit_on_the_requested_schedule():
+    """On the mixture (iia_spndm, 10 evaluations, these 256 noises) the probe raises the last sigma 3x, and the fit
+    on that schedule then ends farther from the teacher on the held-out noises than the plain solver as asked: the
+    calibration is the per-step fit on the requested schedule, exactly, with the attempt's cost counted."""
+    from calibrated_samplers.samplers import steps_for_evaluations
+    steps, zero = steps_for_evaluations("iia_spndm", 10)
+    sig = karras(steps if zero else steps + 1, SIGMA_MIN, SIGMA_MAX, zero=zero)
+    noise = MIXTURE.noise(256, seed=1) * SIGMA_MAX
+    cal = calibrate(MIXTURE.edm(), sig, "iia_spndm", noise, family="edm", budget=1)
+    info = cal.info["start_schedule"]
+    assert info["chosen_factor"] > 1 and info["kept_requested"]
+    assert info["requested_held_out_rmse"] < cal.info["raised_attempt"]["end_to_end"]["held_out_rmse"]
+    alone = calibrate(MIXTURE.edm(), sig, "iia_spndm", noise, family="edm", end_to_end=False)
+    assert cal.sample_sigmas is None and torch.equal(cal.params["coeffs"], alone.params["coeffs"])
+    assert cal.info["model_evaluations_per_sample"] == pytest.approx(
+        alone.info["model_evaluations_per_sample"] + cal.info["raised_attempt"]["model_evaluations_per_sample"])
+
+
 def test_gradients_reach_the_leaves_and_not_the_model():
     from calibrated_samplers.calibration.engine import _Run
     model = IsotropicGaussian()
