@@ -106,7 +106,9 @@ def test_recovers_known_coefficient_on_a_linear_model(target):
     model, s2, fine = IsotropicGaussian(), 0.25, 10
     sig = karras(5, 0.05, 10.0)
     noise = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10.0
-    cal = calibrate(model, sig, "iia_ddim_cfg", noise, family="edm", fine_steps=fine, target=target)
+    # the per-step fit's optimum on the requested schedule (the end-to-end stage would start from a raised last sigma,
+    # where the fit's own optimum is another; its known optima are tested in test_end_to_end.py)
+    cal = calibrate(model, sig, "iia_ddim_cfg", noise, family="edm", fine_steps=fine, target=target, end_to_end=False)
     s = sig.tolist()
     for i, (a, b) in enumerate(zip(s, s[1:])):
         if b > 0:
