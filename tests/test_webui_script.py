@@ -176,7 +176,9 @@ def test_hires_fix_states_both_passes_in_the_infotext(script, tmp_path):
 def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_prompt(script):
     sd = forge_model(0)
     noise = cs.MIXTURE.noise(14, seed=2, dtype=torch.float32)
-    job = script.Job("iia_ddim", noise, ["cat", "dog"], {"fine_steps": 3}, {"seed": 2})
+    # the per-step fit alone: it is exact to rounding, where the end-to-end stage's ~100 float32 Adam steps drift by
+    # 1e-5 with how the work is cut (its chunk invariance is tested in test_end_to_end.py)
+    job = script.Job("iia_ddim", noise, ["cat", "dog"], {"fine_steps": 3, "end_to_end": False}, {"seed": 2})
     script._pending.job = job
     try:
         model = CFGModel(4)
@@ -193,7 +195,7 @@ def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_
         labels = torch.full((x.shape[0],), prompt, dtype=torch.long)
         return cs.MIXTURE.edm()(x, sigma, cond=labels, cfg=3.0)
     want = calibrate(direct, SIGMAS, "iia_ddim", noise * (1 + s0 * s0) ** 0.5, [{"prompt": 0}, {"prompt": 1}],
-                     fine_steps=3, chunk_size=4)
+                     fine_steps=3, chunk_size=4, end_to_end=False)
     assert torch.allclose(cal.params["coeffs"], want.params["coeffs"], rtol=1e-5, atol=1e-8)
 
 
