@@ -218,8 +218,9 @@ def test_chunk_size_changes_nothing_but_rounding(name, fit_batch):
     sig = karras(5, SIGMA_MIN, SIGMA_MAX)
     noise = MIXTURE.noise(96, seed=12) * SIGMA_MAX
     # a rate at which this toy's stage takes a result from the raised start schedule in each case (at 0.003 it keeps
-    # its start for two of them, and then the test would compare nothing learned)
-    kw = dict(family="edm", fit_batch=fit_batch, budget=150, learning_rate=0.01)
+    # its start for amed_dpmpp_2m, and then the test would compare nothing learned); at 0.01 the toy's component
+    # switches in the first, large steps amplify the rounding until the last iterates differ by 0.4%
+    kw = dict(family="edm", fit_batch=fit_batch, budget=150, learning_rate=0.005)
     one = calibrate(MIXTURE.edm(), sig, name, noise, chunk_size=96, **kw)
     many = calibrate(MIXTURE.edm(), sig, name, noise, chunk_size=5, **kw)
     assert one.info["end_to_end"]["best_round"] > 0
