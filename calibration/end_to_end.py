@@ -345,7 +345,7 @@ class Stage:
                 while self.spent < due and not self._out_of_budget(started):
                     if not adam_step():
                         break
-            if not self._finite():  # diverged (a step far too large): the best iterate so far stands
+            if not self._finite():  # diverged (a step far too large): the latest accepted check so far stands
                 break
             held = self.held_out_errors()
             self.history.append({"round": rnd, "held_out_rmse": _rmse(held), "fit_rmse": math.sqrt(self.last_loss),

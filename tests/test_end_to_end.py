@@ -212,6 +212,36 @@ def test_never_ends_worse_than_its_start_on_held_out_noises():
     assert tuned.info["end_to_end"]["held_out_rmse"] <= tuned.info["end_to_end"]["start_held_out_rmse"]
 
 
+def test_the_held_out_share_vetoes_an_iterate_only_for_a_worse_mean_or_no_typical_gain():
+    """Per-noise squared errors of 40 held-out noises: one far-off noise carries much of the mean, as a noise whose
+    trajectory ends near another mode does."""
+    start = torch.full((40,), 0.01, dtype=torch.float64)
+    start[0] = 1.0
+    better = start * 0.5  # every noise closer
+    assert E._accepted(better, start, 1.0)
+    lucky = start.clone()
+    lucky[0] = 0.5  # the mean falls by a third, but only the one far-off noise moved
+    assert not E._accepted(lucky, start, 1.0)
+    typical = start * 0.25
+    typical[0] = 1.4  # every typical noise 2x closer, the far-off one farther: the mean rises
+    assert not E._accepted(typical, start, 1.0)
+    typical[0] = 1.0  # ... and with the far-off one unchanged it is a gain
+    assert E._accepted(typical, start, 1.0)
+
+
+def test_keeps_the_settled_last_iterate():
+    """On Gaussian data (smooth: no noise ends in another mode) the stage's last iterate is its result. The time steps
+    alone are learned: the per-step fit of any IIA basis is already exact on this linear model."""
+    model = IsotropicGaussian()
+    sig = karras(5, 0.05, 10.0)
+    noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 10.0
+    cal = calibrate(model, sig, "iia_dpmpp_2m", noise, family="edm", fine_steps=20, budget=300,
+                    learn_params=False, learn_sigmas="interior")
+    e2e = cal.info["end_to_end"]
+    assert e2e["rounds"] > 1 and e2e["best_round"] == e2e["rounds"]
+    assert e2e["held_out_rmse"] == e2e["curve"][-1][1] < e2e["start_held_out_rmse"]
+
+
 @pytest.mark.parametrize("name, fit_batch", [("iia_dpmpp_2m", None), ("iia_dpmpp_2m", 24), ("amed_dpmpp_2m", 24)])
 def test_chunk_size_changes_nothing_but_rounding(name, fit_batch):
     """Full batch, and minibatches drawn by noise (the chunks only cut the work): the same result."""
