@@ -10,12 +10,16 @@
   use the same teacher, noises, optimiser and held-out early stopping: ``ld3_calibration``.
 
 Both keep the requested first and last positive sigma, as the pack's learned schedules do.
+
+- ``pas_calibration`` / ``pas_sample``: PAS (Wang et al., ICML 2025), a PCA-basis correction of each step's
+  direction with about four coordinates per step, for plain Euler (DDIM) and iPNDM (benchmarks/pas.py).
 """
 import math
 
 import torch
 
 from calibrated_samplers.calibration import calibrate
+from calibrated_samplers.calibration.engine import _split_sizes, _sub_grid  # the pack's teacher grid and batch split
 from calibrated_samplers.samplers import SAMPLERS, Family
 from calibrated_samplers.samplers.base import exp_update
 
@@ -81,3 +85,115 @@ def gits_schedule(model, sigmas, noise, conditions, family="ve", shift=1.0, grid
 def ld3_calibration(model, sigmas, sampler, noise, conditions, **options):
     """The plain ``sampler``'s time steps learned end to end, nothing else (a Calibration sampling on them)."""
     return calibrate(model, sigmas, sampler, noise, conditions, learn_params=False, learn_sigmas=True, **options)
+
+
+# --------------------------------------------------------------------------------------------------
+# PAS-style correction (Wang et al., "Diffusion Sampling Correction via Approximately 10 Parameters", ICML 2025)
+# --------------------------------------------------------------------------------------------------
+# Per step, the model's direction d is replaced by sum_k c_k u_k over a per-sample orthonormal basis: u_1 = d / |d|,
+# then the leading principal directions of the trajectory so far ({x_T, d_0, ..., d_i}, centred), orthogonalised
+# against the earlier ones and signed toward x_i - x_T. The few coordinates c of each step are fitted step by step
+# along the corrected trajectory against the teacher's state at the step's end, and a step keeps its correction only
+# where it lowers that error (PAS's adaptive search). Differences from the paper: the coordinates are the exact
+# least-squares optimum of the squared error (the paper runs SGD on an L1 loss), and the teacher is this file's
+# DPM-Solver++(2M) on a fine grid (as for GITS) rather than Heun.
+PAS_COMPONENTS = 4
+PAS_ORDER = 3  # iPNDM's order with PAS (the paper's recommendation)
+
+
+def _pas_basis(x, x_T, d, buffer):
+    """(B, K, D) float64: the per-sample orthonormal basis the coordinates multiply."""
+    B = x.shape[0]
+    u = [_per_noise(d) / _per_noise(d).norm(dim=1, keepdim=True).clamp_min(1e-30)]
+    data = torch.stack([_per_noise(v) for v in [x_T, *buffer, d]], 1)
+    _, _, vh = torch.linalg.svd(data - data.mean(1, keepdim=True), full_matrices=False)
+    toward = _per_noise(x) - _per_noise(x_T)
+    for j in range(min(PAS_COMPONENTS - 1, data.shape[1] - 1)):
+        v = vh[:, j]
+        for w in u:
+            v = v - (v * w).sum(1, keepdim=True) * w
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        u.append(torch.where((toward * v).sum(1, keepdim=True) >= 0, v, -v))
+    return torch.stack(u, 1)
+
+
+def _pas_weights(i, sig, base):
+    """Weights on d_i, d_{i-1}, ... of the step sig[i] -> sig[i+1] (Euler, or iPNDM's fixed ones)."""
+    from calibrated_samplers.samplers._core import IPNDM_WEIGHTS
+    h = sig[i + 1] - sig[i]
+    order = 1 if base == "euler" else min(i + 1, PAS_ORDER)
+    return [h * w for w in IPNDM_WEIGHTS[order - 1]]
+
+
+def _pas_step(model, x, i, sig, x_T, buffer, extra_args, base, coords):
+    """One step; returns (x_next, the direction used, the basis, the part of x_next without this step's direction,
+    this step's weight on it)."""
+    D = model(x, x.new_ones(x.shape[0]) * sig[i], **extra_args).to(torch.float64)
+    d = (x - D) / sig[i]
+    U = _pas_basis(x, x_T, d, buffer)
+    w = _pas_weights(i, sig, base)
+    rest = x + sum(wj * dj for wj, dj in zip(w[1:], reversed(buffer[-(len(w) - 1):]))) if len(w) > 1 else x
+    used = d if coords is None else torch.einsum("bkd,k->bd", U[:, :len(coords)], coords).reshape(d.shape)
+    return rest + w[0] * used, used, U, rest, w[0]
+
+
+def pas_sample(model, x, sigmas, coords, extra_args=None, base="euler"):
+    """Euler or iPNDM with the PAS-style corrections ``coords`` (one tensor of coordinates per step, or None)."""
+    sig, x = [float(s) for s in sigmas], x.to(torch.float64)
+    x_T, buffer = x, []
+    for i in range(len(sig) - 1):
+        x, used, *_ = _pas_step(model, x, i, sig, x_T, buffer, extra_args or {}, base, coords[i])
+        buffer.append(used)
+    return x
+
+
+def pas_calibration(model, sigmas, noise, conditions, family="ve", shift=1.0, sigma_min=None, base="euler",
+                    fine_steps=10):
+    """The per-step coordinates for ``pas_sample`` (None where a step keeps the plain direction), fitted on ``noise``;
+    returns (coords, model evaluations per noise)."""
+    fam = Family.of(family, shift)
+    sig = [float(s) for s in sigmas]
+    fine, at = [sig[0]], [0]
+    for a, b in zip(sig, sig[1:]):
+        fine += _sub_grid(a, b, fine_steps, sigma_min)[1:]
+        at.append(len(fine) - 1)
+    sizes = _split_sizes(noise.shape[0], len(conditions))  # the batch split over the conditions as calibrate() does
+    starts = [sum(sizes[:c]) for c in range(len(conditions))]
+    groups = [(noise[a:a + n].to(torch.float64), cond) for a, n, cond in zip(starts, sizes, conditions)]
+    targets = []
+    for x, cond in groups:
+        states = []
+        end = SAMPLERS["iia_dpmpp_2m"](model, x, torch.tensor(fine, dtype=torch.float64), extra_args=cond,
+                                       disable=True, callback=lambda s: states.append(s["x"].to(torch.float64)),
+                                       family=fam.name, shift=fam.shift)
+        states.append(end.to(torch.float64))
+        targets.append([states[j] for j in at[1:]])  # the callback saw every grid point but the end
+    evaluations = len(fine) - 1
+    xs = [x for x, _ in groups]
+    buffers = [[] for _ in groups]
+    coords = []
+    for i in range(len(sig) - 1):
+        K = min(PAS_COMPONENTS, i + 2)
+        G = torch.zeros(K, K, dtype=torch.float64)
+        r = torch.zeros(K, dtype=torch.float64)
+        plain_err, parts = 0.0, []
+        for g, (x0, cond) in enumerate(groups):
+            x_next, d, U, rest, w0 = _pas_step(model, xs[g], i, sig, x0, buffers[g], cond, base, None)
+            Bk = w0 * U[:, :K]
+            y = _per_noise(targets[g][i]) - _per_noise(rest)
+            G += torch.einsum("bkd,bld->kl", Bk, Bk)
+            r += torch.einsum("bkd,bd->k", Bk, y)
+            plain_err += float((_per_noise(x_next) - _per_noise(targets[g][i])).pow(2).sum())
+            parts.append((d, U, rest, w0))
+        evaluations += 1
+        c = torch.linalg.lstsq(G, r).solution
+        fitted_err = sum(float(((_per_noise(rest) + w0 * torch.einsum("bkd,k->bd", U[:, :K], c))
+                                - _per_noise(targets[g][i])).pow(2).sum())
+                         for g, (d, U, rest, w0) in enumerate(parts))
+        keep = fitted_err < plain_err
+        coords.append(c if keep else None)
+        for g, (d, U, rest, w0) in enumerate(parts):
+            used = torch.einsum("bkd,k->bd", U[:, :K], c).reshape(d.shape) if keep else d
+            buffers[g].append(used)
+            xs[g] = rest + w0 * used
+    return coords, evaluations
