@@ -408,7 +408,8 @@ def write_markdown(path, results, cal_rows, curves, heads, command, machine, ela
               "evaluations per noise of the per-step fit (teacher included) and of the end-to-end stage (a backward "
               "pass counts as two evaluations, the checkpointed recomputation as one), the held-out RMSE against the "
               "teacher before and after the end-to-end stage, whether the time steps moved, and the peak resident "
-              "memory above the start (process RSS).", "",
+              "memory above the start (process RSS; 0 where the allocator reused memory that earlier work in the same "
+              "process had freed: `python benchmarks/memory.py` measures each batch size in a fresh process).", "",
               "| setting | sampler | evals | seconds | per-step fit | end to end | held-out | learned sigmas | peak MiB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for st_name, rows in cal_rows.items():
@@ -447,7 +448,8 @@ def write_markdown(path, results, cal_rows, curves, heads, command, machine, ela
               "(git history of this file) had all twelve with the per-step fit only.",
               "- Evaluation counts 4, 8 and 10 on the settings other than digits-eps cfg 1 (time: the whole run is "
               "sized for about an hour and a half on two CPU cores).",
-              "- A PAS-style (PCA-basis) peer.",
+              "- A PAS-style (PCA-basis) peer: `benchmarks/pas.py` measures it on these cells, beside this run's "
+              "results.json ([PAS.md](PAS.md)).",
               "- GPU wall time and memory: no GPU was lent to the session that made this file. "
               "`python benchmarks/memory.py` measures the CPU peak memory against the batch size."]
     with open(path, "w") as f:
