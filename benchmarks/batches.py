@@ -6,9 +6,7 @@ end-to-end stage kept (its last unless the held-out share vetoed it). Writes ben
 
     .venv-bench/bin/python benchmarks/batches.py [--workers 2]
 """
-import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -16,7 +14,7 @@ import time
 
 import torch
 
-from jobs import run_jobs
+from jobs import job_command_line, run_jobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL, CFG, SAMPLER, EVALS, SEEDS = "digits-eps", 1.0, "iia_dpmpp_2m", (5, 6), (0, 1, 2)
@@ -41,13 +39,7 @@ def job(seed, n):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.job:
-        print(json.dumps(job(*json.loads(args.job))))
-        return
+    args = job_command_line(job)
     started = time.perf_counter()
     specs = [(s, n) for s in SEEDS for n in EVALS]
     results = []
@@ -56,7 +48,7 @@ def main():
         print(r, flush=True)
     lines = [f"# The default calibration across batches of noises ({datetime.date.today().isoformat()})", "",
              f"`.venv-bench/bin/python benchmarks/batches.py` ({(time.perf_counter() - started) / 60:.1f} min, "
-             f"2 processes of one thread, {platform.platform()}, torch {torch.__version__}). {MODEL} cfg {CFG:g}, "
+             f"{args.workers} process(es) of one thread, {platform.platform()}, torch {torch.__version__}). {MODEL} cfg {CFG:g}, "
              f"{SAMPLER}, default calibration from 256 noises of seed 0, 1 or 2; endpoint RMSE on the 200 test "
              "noises of BENCHMARKS.md; the round the end-to-end stage kept (its last unless the held-out share "
              "vetoed it, 0 = its start); held-out: RMSE on the fit's 64 held-out noises against the teacher, at the "

@@ -8,7 +8,6 @@ benchmarks/PAS.md.
 
     .venv-bench/bin/python benchmarks/pas.py [--workers 2]
 """
-import argparse
 import datetime
 import json
 import os
@@ -18,7 +17,7 @@ import time
 
 import torch
 
-from jobs import run_jobs
+from jobs import job_command_line, run_jobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASES = ("euler", "ipndm")
@@ -48,13 +47,7 @@ def job(model_name, cfg, n):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.job:
-        print(json.dumps(job(*json.loads(args.job))))
-        return
+    args = job_command_line(job)
     import run as bench
     started = time.perf_counter()
     specs = [(m, c, n) for (m, c), evals in bench.EVALS.items() for n in evals]
@@ -63,7 +56,7 @@ def main():
         bench_results = json.load(f)
     lines = [f"# The PAS-style peer ({datetime.date.today().isoformat()})", "",
              f"`.venv-bench/bin/python benchmarks/pas.py` ({(time.perf_counter() - started) / 60:.1f} min, "
-             f"{args.workers} processes of one thread, {platform.platform()}, torch {torch.__version__}). Endpoint "
+             f"{args.workers} process(es) of one thread, {platform.platform()}, torch {torch.__version__}). Endpoint "
              "RMSE on BENCHMARKS.md's 200 test noises against its 100-step reference. PAS-style: each step's direction "
              "replaced by about four coordinates in a per-sample PCA basis of the trajectory, fitted step by step on "
              "the same 256 calibration noises against the same teacher, kept only where a step's error falls "
