@@ -28,6 +28,21 @@ def _per_noise(x):
     return x.flatten(1).to(torch.float64)
 
 
+def _teacher(model, x, grid, cond, fam):
+    """DPM-Solver++(2M) over the fine ``grid`` from ``x``: the states at every grid point (per noise, float64) and
+    the denoised estimates at all but the last."""
+    states, denoised = [], []
+
+    def record(d):
+        states.append(_per_noise(d["x"]))
+        denoised.append(d["denoised"].to(torch.float64))
+
+    end = SAMPLERS["iia_dpmpp_2m"](model, x, torch.tensor(grid, dtype=torch.float64), extra_args=cond, disable=True,
+                                   callback=record, family=fam.name, shift=fam.shift)
+    states.append(_per_noise(end))  # the callback saw every grid point but the last
+    return states, denoised
+
+
 def gits_schedule(model, sigmas, noise, conditions, family="ve", shift=1.0, grid_points=64, chunk=64):
     """A GITS schedule with the same count and ends as ``sigmas`` (ending at 0 or at its last sigma).
 
@@ -44,19 +59,10 @@ def gits_schedule(model, sigmas, noise, conditions, family="ve", shift=1.0, grid
     grid[0], grid[-1] = first, last
     cost = torch.zeros(grid_points, grid_points, dtype=torch.float64)
     per = noise.shape[0] // len(conditions)
-    teacher_step = SAMPLERS["iia_dpmpp_2m"]  # DPM-Solver++(2M) on the fine grid: the teacher trajectory
     for c, cond in enumerate(conditions):
         for a in range(c * per, (c + 1) * per, chunk):
             x = noise[a:min(a + chunk, (c + 1) * per)].to(torch.float64)
-            states, denoised = [], []
-
-            def record(d):
-                states.append(_per_noise(d["x"]))
-                denoised.append(d["denoised"].to(torch.float64))
-
-            end = teacher_step(model, x, torch.tensor(grid, dtype=torch.float64), extra_args=cond, disable=True,
-                               callback=record, family=fam.name, shift=fam.shift)
-            states.append(_per_noise(end))  # the state at the last grid point
+            states, denoised = _teacher(model, x, grid, cond, fam)
             for j in range(grid_points - 1):
                 xj = states[j].reshape(x.shape)
                 for k in range(j + 1, grid_points):
@@ -103,7 +109,6 @@ PAS_ORDER = 3  # iPNDM's order with PAS (the paper's recommendation)
 
 def _pas_basis(x, x_T, d, buffer):
     """(B, K, D) float64: the per-sample orthonormal basis the coordinates multiply."""
-    B = x.shape[0]
     u = [_per_noise(d) / _per_noise(d).norm(dim=1, keepdim=True).clamp_min(1e-30)]
     data = torch.stack([_per_noise(v) for v in [x_T, *buffer, d]], 1)
     _, _, vh = torch.linalg.svd(data - data.mean(1, keepdim=True), full_matrices=False)
@@ -132,7 +137,7 @@ def _pas_step(model, x, i, sig, x_T, buffer, extra_args, base, coords):
     d = (x - D) / sig[i]
     U = _pas_basis(x, x_T, d, buffer)
     w = _pas_weights(i, sig, base)
-    rest = x + sum(wj * dj for wj, dj in zip(w[1:], reversed(buffer[-(len(w) - 1):]))) if len(w) > 1 else x
+    rest = x + sum(wj * dj for wj, dj in zip(w[1:], reversed(buffer)))  # the earlier directions' part
     used = d if coords is None else torch.einsum("bkd,k->bd", U[:, :len(coords)], coords).reshape(d.shape)
     return rest + w[0] * used, used, U, rest, w[0]
 
@@ -162,12 +167,8 @@ def pas_calibration(model, sigmas, noise, conditions, family="ve", shift=1.0, si
     groups = [(noise[a:a + n].to(torch.float64), cond) for a, n, cond in zip(starts, sizes, conditions)]
     targets = []
     for x, cond in groups:
-        states = []
-        end = SAMPLERS["iia_dpmpp_2m"](model, x, torch.tensor(fine, dtype=torch.float64), extra_args=cond,
-                                       disable=True, callback=lambda s: states.append(s["x"].to(torch.float64)),
-                                       family=fam.name, shift=fam.shift)
-        states.append(end.to(torch.float64))
-        targets.append([states[j] for j in at[1:]])  # the callback saw every grid point but the end
+        states, _ = _teacher(model, x, fine, cond, fam)
+        targets.append([states[j] for j in at[1:]])
     evaluations = len(fine) - 1
     xs = [x for x, _ in groups]
     buffers = [[] for _ in groups]
