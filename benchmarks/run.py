@@ -96,13 +96,36 @@ class Digits:
         f = f.double().numpy()
         return f.mean(0), np.cov(f, rowvar=False)
 
-    def frechet(self, x):
-        mu, cov = self.stats(self.clf.features(x.float().clamp(-1, 1)))
-        covmean = np.sqrt(np.clip(np.linalg.eigvals(cov @ self.cov).real, 0, None)).sum()
-        return float(((mu - self.mu) ** 2).sum() + np.trace(cov) + np.trace(self.cov) - 2 * covmean)
+    def features(self, x):
+        return self.stats(self.clf.features(x.float().clamp(-1, 1)))
+
+    def frechet(self, x, against=None):
+        """Frechet distance of samples ``x`` to the real digits, or to ``against`` (another sample set's
+        ``features``)."""
+        mu, cov = self.features(x)
+        mu_b, cov_b = against or (self.mu, self.cov)
+        covmean = np.sqrt(np.clip(np.linalg.eigvals(cov @ cov_b).real, 0, None)).sum()
+        return float(((mu - mu_b) ** 2).sum() + np.trace(cov) + np.trace(cov_b) - 2 * covmean)
 
     def accuracy(self, x, labels):
         return float((self.clf(x.float().clamp(-1, 1)).argmax(1) == labels).float().mean())
+
+
+CONFIRM_FACTOR = 3  # the confirmation set is this many times the test set
+
+
+def per_noise_rmse(x, reference):
+    return (x.to(torch.float64) - reference.to(torch.float64)).flatten(1).pow(2).mean(1).sqrt()
+
+
+def ratio_interval(errors, base, resamples=2000, seed=0):
+    """RMSE ratio of per-noise ``errors`` to ``base`` (the same noises) and its 95% paired bootstrap interval: the
+    RMSE is carried by a few noises, so the ratio moves with which of them a set of noises happens to hold."""
+    e2, b2 = errors.pow(2), base.pow(2)
+    idx = torch.randint(len(e2), (resamples, len(e2)), generator=torch.Generator().manual_seed(seed))
+    ratios = (e2[idx].mean(1) / b2[idx].mean(1)).sqrt()
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=ratios.dtype)).tolist()
+    return float((e2.mean() / b2.mean()).sqrt()), lo, hi
 
 
 class Setting:
@@ -118,11 +141,23 @@ class Setting:
         self.unit = torch.randn(self.per * len(self.conditions), *self.bed.shape,
                                 generator=torch.Generator().manual_seed(1000))
         self.reference = self.sample(SAMPLERS["iia_edm"], self.bed.sigmas(100), **self.fam)
+        self.n_confirm = CONFIRM_FACTOR * self.per * len(self.conditions)
+        self._confirm = None
 
-    def sample(self, fn, sig, **kw):
-        x = self.unit if self.bed.family == "flow" else self.unit * float(sig[0])
-        return torch.cat([fn(self.bed.model, x[j * self.per:(j + 1) * self.per], sig, extra_args=c, disable=True,
+    def sample(self, fn, sig, unit=None, **kw):
+        unit = self.unit if unit is None else unit
+        per = unit.shape[0] // len(self.conditions)
+        x = unit if self.bed.family == "flow" else unit * float(sig[0])
+        return torch.cat([fn(self.bed.model, x[j * per:(j + 1) * per], sig, extra_args=c, disable=True,
                              **kw) for j, c in enumerate(self.conditions)])
+
+    def confirmation(self):
+        """(noises, reference) of the confirmation set: fresh noises (seeds from 2000, never a test or calibration
+        noise) on which the pair a headline compares is measured again, after the test noises picked it."""
+        if self._confirm is None:
+            unit = torch.randn(self.n_confirm, *self.bed.shape, generator=torch.Generator().manual_seed(2000))
+            self._confirm = unit, self.sample(SAMPLERS["iia_edm"], self.bed.sigmas(100), unit, **self.fam)
+        return self._confirm
 
     def cal_noise(self, sig):
         return self.bed.noise(self.n_cal, 0, sig)
@@ -139,11 +174,17 @@ def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
     cal_rows = []
     scheds = schedules(st.bed)
 
-    def record(label, kind, n, x, extra=None):
-        per_noise = (x.to(torch.float64) - st.reference.to(torch.float64)).flatten(1).pow(2).mean(1).sqrt()
-        m = {"rmse": rmse(x, st.reference), "median": float(per_noise.median()), "fd": digits.frechet(x)}
-        if st.cfg != 1.0 or True:
-            m["accuracy"] = digits.accuracy(x, st.labels)
+    reference_features = digits.features(st.reference)
+    reference = {"fd": digits.frechet(st.reference), "accuracy": digits.accuracy(st.reference, st.labels)}
+    headline = {}  # evaluations -> the headline pair's ratio intervals
+
+    per_noise_of, redo = {}, {}  # label -> per-noise RMSE on the test noises; label -> f(noises) sampling them again
+
+    def record(label, kind, n, x, extra=None, again=None):
+        per_noise = per_noise_rmse(x, st.reference)
+        per_noise_of[label], redo[label] = per_noise, again
+        m = {"rmse": rmse(x, st.reference), "median": float(per_noise.median()), "fd": digits.frechet(x),
+             "fd_reference": digits.frechet(x, reference_features), "accuracy": digits.accuracy(x, st.labels)}
         m.update(extra or {})
         rows.setdefault(label, {})[n] = m
         kinds[label] = kind
@@ -169,10 +210,10 @@ def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
                 if sig is None:
                     continue
                 if name in K_SAMPLERS:
-                    x = st.sample(getattr(K, f"sample_{name}"), sig)
+                    again = (lambda unit, fn=getattr(K, f"sample_{name}"), sig=sig: st.sample(fn, sig, unit))
                 else:
-                    x = st.sample(SAMPLERS[twin], sig, **st.fam)
-                record(f"{name} ({sched})", "uncalibrated", n, x)
+                    again = (lambda unit, fn=SAMPLERS[twin], sig=sig: st.sample(fn, sig, unit, **st.fam))
+                record(f"{name} ({sched})", "uncalibrated", n, again(None), again=again)
         # peers: GITS-style and LD3-style schedules for the plain DPM-Solver++(2M) and iPNDM
         default = next(iter(scheds.values()))
         for solver, twin in PEER_SOLVERS.items():
@@ -197,9 +238,10 @@ def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
                 continue
             sig = default(*found)
             cal, seconds, peak = timed_calibration(sig, name, **kw)
-            x = st.sample(SAMPLERS[name], sig, calibration=cal, **st.fam)
+            again = (lambda unit, name=name, sig=sig, cal=cal:
+                     st.sample(SAMPLERS[name], sig, unit, calibration=cal, **st.fam))
             e2e = cal.info.get("end_to_end") or {}
-            m = record(f"{label} (calibrated)", "calibrated", n, x)
+            m = record(f"{label} (calibrated)", "calibrated", n, again(None), again=again)
             cal_rows.append({"sampler": label, "evaluations": n, "seconds": seconds, "peak_mib": peak,
                              # the run's total counts the end-to-end stage's forward passes too
                              "sequential_evaluations": e2e.get("start_evaluations_per_sample",
@@ -210,7 +252,18 @@ def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
                              "held_out": [e2e.get("start_held_out_rmse"), e2e.get("held_out_rmse")],
                              "learned_sigmas": cal.sample_sigmas is not None,
                              "sigmas": cal.sampling_sigmas.tolist(), "rmse": m["rmse"]})
-    return rows, kinds, cal_rows
+        # the headline pair again: its ratio's bootstrap interval on the test noises, then the same two samplers on
+        # the fresh confirmation noises (the test noises chose the best uncalibrated, which flatters it a little)
+        c_label, u_label = best(rows, kinds, n, "calibrated")[1], best(rows, kinds, n, "uncalibrated")[1]
+        unit, confirm_reference = st.confirmation()
+        again = {lab: per_noise_rmse(redo[lab](unit), confirm_reference) for lab in (c_label, u_label)}
+        headline[n] = {"calibrated": c_label, "uncalibrated": u_label,
+                       "test": ratio_interval(per_noise_of[c_label], per_noise_of[u_label]),
+                       "confirmation": ratio_interval(again[c_label], again[u_label]),
+                       "confirmation_rmse": [float(again[lab].pow(2).mean().sqrt()) for lab in (c_label, u_label)],
+                       "noises": [len(st.unit), len(unit)]}
+        log(f"  {st.name:22s} headline {n} evals: {headline[n]}")
+    return rows, kinds, cal_rows, reference, headline
 
 
 def best(rows, kinds, n, kind, standard=False, metric="rmse"):
@@ -331,7 +384,9 @@ def image_grid(st, path, evals=(5, 6)):
     return names
 
 
-def write_markdown(path, results, cal_rows, curves, heads, command, machine, elapsed, grid_names, all_evals):
+def write_markdown(path, results, cal_rows, curves, heads, command, machine, elapsed, grid_names, all_evals,
+                   references=None, confirmations=None):
+    references = references or {}
     evals = all_evals
     lines = ["# Benchmarks", "", f"Generated by `{command}` on {machine}, {datetime.date.today()}, "
              f"in {elapsed / 60:.1f} min. Regenerate with the same command; numbers move within noise only "
@@ -357,6 +412,17 @@ def write_markdown(path, results, cal_rows, curves, heads, command, machine, ela
     lines += ["", "Each cell: best calibrated / best uncalibrated, and best calibrated / best peer (GITS-style or "
               "LD3-style schedule on DPM-Solver++(2M) or iPNDM), endpoint RMSE; in parentheses, best calibrated / best "
               "uncalibrated on a schedule ending at the model's own sigma_min (the comparison of earlier runs)."]
+    lines += ["", "How sure the first ratio is: its 95% paired bootstrap interval over the test noises, then the same "
+              f"two samplers (the best calibrated and the best uncalibrated the test noises picked) on {CONFIRM_FACTOR}x "
+              "as many fresh noises (seeds from 2000), with that ratio's interval:", "",
+              "| setting | " + " | ".join(f"{n} evals" for n in evals) + " |", "|---|" + "---|" * len(evals)]
+    for st_name in results:
+        cells = []
+        for n in evals:
+            h = (confirmations or {}).get(st_name, {}).get(n)
+            cells.append("" if h is None else f"{h['test'][0]:.2f}x ({h['test'][1]:.2f}-{h['test'][2]:.2f}); fresh "
+                         f"{h['confirmation'][0]:.2f}x ({h['confirmation'][1]:.2f}-{h['confirmation'][2]:.2f})")
+        lines.append(f"| {st_name} | " + " | ".join(cells) + " |")
     lines += ["", "The RMSE is the root of the mean squared error over the test noises, so the few noises whose few-step "
               "trajectory ends near another digit than the reference's carry much of it. The typical noise: the "
               "median over the test noises of each noise's own endpoint RMSE, best calibrated / best uncalibrated "
@@ -398,10 +464,16 @@ def write_markdown(path, results, cal_rows, curves, heads, command, machine, ela
         lines += ["", "Best uncalibrated per count: " + "; ".join(
             f"{n}: {best(rows, kinds, n, 'uncalibrated')[1]} {best(rows, kinds, n, 'uncalibrated')[0]:.4f}"
             for n in evals) + ".", "",
-            "Frechet distance in the digit classifier's features (class accuracy in parentheses):", "",
+            "Frechet distance in the digit classifier's features, to the real digits / to the reference's own "
+            "samples from the same noises (class accuracy in parentheses). The reference itself: "
+            + (f"{references[st_name]['fd']:.2f} to the real digits ({references[st_name]['accuracy']:.2f})"
+               if references.get(st_name) else "not recorded") + ". Closer to the reference is what the endpoint "
+            "error measures; closer to the real digits can differ where the 100-step solve itself is far from them "
+            "(strong guidance).", "",
             "| sampler | " + " | ".join(str(n) for n in evals) + " |", "|---|" + "---|" * len(evals)]
         for label in sorted(shown, key=lambda l: (order[kinds[l]], l)):
-            cells = [("" if n not in rows[label] else f"{rows[label][n]['fd']:.2f} ({rows[label][n]['accuracy']:.2f})")
+            cells = [("" if n not in rows[label] else f"{rows[label][n]['fd']:.2f} / "
+                      f"{rows[label][n].get('fd_reference', float('nan')):.2f} ({rows[label][n]['accuracy']:.2f})")
                      for n in evals]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Calibration cost", "", "Per calibration (256 noises, chunk 64, one CPU thread): wall time, model "
@@ -420,8 +492,11 @@ def write_markdown(path, results, cal_rows, curves, heads, command, machine, ela
                          f"{r['sequential_evaluations']:.0f} | {r['end_to_end_evaluations']:.0f} | {held_txt} | "
                          f"{'yes' if r['learned_sigmas'] else 'no'} | {r['peak_mib']:.0f} |")
     if curves:
-        lines += ["", "## Gain per evaluation spent", "", "![cost curve](cost_curve.png)", "",
-                  "iia_dpmpp_2m calibrated once per end-to-end budget (0: the per-step fit the stage starts from; "
+        lines += ["", "## Gain per evaluation spent", "", "![cost curve](cost_curve.png)", ""]
+        if any(c.get("carried_from") for c in curves):
+            lines += ["Not rerun here: carried over from an earlier run's results (`--curve-from "
+                      f"{os.path.relpath(curves[0]['carried_from'])}`, the git history of this file has that run).", ""]
+        lines += ["iia_dpmpp_2m calibrated once per end-to-end budget (0: the per-step fit the stage starts from; "
                   f"the default is {BUDGET_FACTOR:g}x the per-step fit's evaluations), each run with its own cosine "
                   "decay; test RMSE on the 200 test noises against the reference, and the held-out RMSE against the "
                   "teacher on the calibration's own 64 held-out noises:", "",
@@ -477,7 +552,8 @@ def run_one(job):
 
     result = {"kind": kind, "setting": st.name, "evaluations": n}
     if kind == "cells":
-        result["rows"], result["kinds"], result["cal_rows"] = run_setting(st, [n], Digits(), log, calibrated)
+        result["rows"], result["kinds"], result["cal_rows"], result["reference"], result["headline"] = run_setting(
+            st, [n], Digits(), log, calibrated)
     elif kind == "grid":
         result["grid_names"] = image_grid(st, os.path.join(out, "grid.png"))
     else:
@@ -494,11 +570,15 @@ def main():
     p.add_argument("--out", default=HERE)
     p.add_argument("--no-curve", action="store_true", help="skip the cost curve (the longest job)")
     p.add_argument("--only", nargs="+", help="settings to run, e.g. 'digits-eps:5' 'digits-flow:1'")
+    p.add_argument("--curve-from", metavar="RESULTS_JSON",
+                   help="skip the cost curve and report the one in an earlier run's results.json (say which in the "
+                        "commit: only valid while the calibration code is unchanged since)")
     args = p.parse_args()
     started = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
     n_test, n_cal = (200, 256) if not args.quick else (40, 64)
     calibrated = CALIBRATED if not args.quick else ["iia_dpmpp_2m"]
-    with_curve = not (args.quick or args.no_curve)
+    with_curve = not (args.quick or args.no_curve or args.curve_from)
     settings = SETTINGS if not args.only else [(s.split(":")[0], float(s.split(":")[1])) for s in args.only]
     common = (n_test, n_cal, args.threads, args.out, with_curve, calibrated)
     jobs = [("cells", m, c, n) + common for m, c in settings for n in (EVALS.get((m, c), [5, 6]) if not args.quick
@@ -515,7 +595,7 @@ def main():
             done = list(pool.imap_unordered(run_one, jobs, chunksize=1))
     else:
         done = [run_one(j) for j in jobs]
-    results, cal_rows, curves, heads, grid_names = {}, {}, [], [], None
+    results, cal_rows, curves, heads, grid_names, references, confirmations = {}, {}, [], [], None, {}, {}
     for r in done:
         if r["kind"] == "grid":
             grid_names = r["grid_names"]
@@ -531,6 +611,8 @@ def main():
                 rows.setdefault(label, {}).update(per_n)
             kinds.update(r["kinds"])
         results[name] = (rows, kinds)
+        confirmations[name] = {r["evaluations"]: r["headline"][r["evaluations"]] for r in cells}
+        references[name] = next((r["reference"] for r in cells), None)
         cal_rows[name] = [row for r in cells for row in r["cal_rows"]]
         evals = [r["evaluations"] for r in cells]
         plot_setting(name, rows, kinds, evals, os.path.join(args.out, f"{name.replace(' ', '_')}.png"))
@@ -540,22 +622,35 @@ def main():
             pe, lp = best(rows, kinds, n, "peer")
             us, lus = best(rows, kinds, n, "uncalibrated", standard=True)
             if n in (5, 6):
+                h = confirmations[name][n]
                 heads.append(f"{name}, {n} evaluations: best calibrated {lc} {c:.4f} / best uncalibrated {lu} "
-                             f"{u:.4f} = {c / u:.2f}x; best peer {lp} {pe:.4f} ({c / pe:.2f}x); best uncalibrated "
-                             f"on a schedule ending at the model's sigma_min: {lus} {us:.4f} ({c / us:.2f}x)")
+                             f"{u:.4f} = {c / u:.2f}x (95% interval {h['test'][1]:.2f}-{h['test'][2]:.2f}x; on "
+                             f"{h['noises'][1]} fresh noises {h['confirmation'][0]:.2f}x, {h['confirmation'][1]:.2f}-"
+                             f"{h['confirmation'][2]:.2f}x); best peer {lp} {pe:.4f} ({c / pe:.2f}x); best "
+                             f"uncalibrated on a schedule ending at the model's sigma_min: {lus} {us:.4f} "
+                             f"({c / us:.2f}x)")
+    if args.curve_from:
+        with open(args.curve_from) as f:
+            curves = json.load(f)["curves"]
+        for c in curves:
+            c["carried_from"] = args.curve_from
     if curves:
         plot_curves(curves, os.path.join(args.out, "cost_curve.png"))
     for h in heads:
         print(h)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{args.jobs} processes x {args.threads} thread(s)"
-    command = "bash benchmarks/run.sh" + (" --quick" if args.quick else "") + (" --no-curve" if args.no_curve else "")
+    command = "bash benchmarks/run.sh" + (" --quick" if args.quick else "") + (" --no-curve" if args.no_curve else "") \
+        + (" --only " + " ".join(args.only) if args.only else "") \
+        + (f" --curve-from {os.path.relpath(args.curve_from)}" if args.curve_from else "")
     all_evals = sorted({n for rows, _ in results.values() for r in rows.values() for n in r})
     write_markdown(os.path.join(args.out, "BENCHMARKS.md"), results, cal_rows, curves, heads, command, machine,
-                   time.perf_counter() - started, grid_names, all_evals)
+                   time.perf_counter() - started, grid_names, all_evals, references, confirmations)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"results": {k: v[0] for k, v in results.items()}, "kinds": {k: v[1] for k, v in results.items()},
-                   "calibrations": cal_rows, "curves": curves, "headlines": heads}, f, indent=1, default=str)
+                   "calibrations": cal_rows, "curves": curves, "headlines": heads, "references": references,
+                   "confirmations": confirmations},
+                  f, indent=1, default=str)
     print(f"wrote {os.path.join(args.out, 'BENCHMARKS.md')} in {(time.perf_counter() - started) / 60:.1f} min")
 
 
