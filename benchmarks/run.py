@@ -140,7 +140,7 @@ class Setting:
         self.n_cal = n_cal
         self.unit = torch.randn(self.per * len(self.conditions), *self.bed.shape,
                                 generator=torch.Generator().manual_seed(1000))
-        self.reference = self.sample(SAMPLERS["iia_edm"], self.bed.sigmas(100), **self.fam)
+        self.reference = self.reference_of(self.unit)
         self.n_confirm = CONFIRM_FACTOR * self.per * len(self.conditions)
         self._confirm = None
 
@@ -151,12 +151,16 @@ class Setting:
         return torch.cat([fn(self.bed.model, x[j * per:(j + 1) * per], sig, extra_args=c, disable=True,
                              **kw) for j, c in enumerate(self.conditions)])
 
+    def reference_of(self, unit):
+        """The 100-step Heun solve from ``unit`` noises, against which every endpoint is measured."""
+        return self.sample(SAMPLERS["iia_edm"], self.bed.sigmas(100), unit, **self.fam)
+
     def confirmation(self):
         """(noises, reference) of the confirmation set: fresh noises (seeds from 2000, never a test or calibration
         noise) on which the pair a headline compares is measured again, after the test noises picked it."""
         if self._confirm is None:
             unit = torch.randn(self.n_confirm, *self.bed.shape, generator=torch.Generator().manual_seed(2000))
-            self._confirm = unit, self.sample(SAMPLERS["iia_edm"], self.bed.sigmas(100), unit, **self.fam)
+            self._confirm = unit, self.reference_of(unit)
         return self._confirm
 
     def cal_noise(self, sig):
@@ -256,11 +260,11 @@ def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
         # the fresh confirmation noises (the test noises chose the best uncalibrated, which flatters it a little)
         c_label, u_label = best(rows, kinds, n, "calibrated")[1], best(rows, kinds, n, "uncalibrated")[1]
         unit, confirm_reference = st.confirmation()
-        again = {lab: per_noise_rmse(redo[lab](unit), confirm_reference) for lab in (c_label, u_label)}
+        fresh = {lab: per_noise_rmse(redo[lab](unit), confirm_reference) for lab in (c_label, u_label)}
         headline[n] = {"calibrated": c_label, "uncalibrated": u_label,
                        "test": ratio_interval(per_noise_of[c_label], per_noise_of[u_label]),
-                       "confirmation": ratio_interval(again[c_label], again[u_label]),
-                       "confirmation_rmse": [float(again[lab].pow(2).mean().sqrt()) for lab in (c_label, u_label)],
+                       "confirmation": ratio_interval(fresh[c_label], fresh[u_label]),
+                       "confirmation_rmse": [float(fresh[lab].pow(2).mean().sqrt()) for lab in (c_label, u_label)],
                        "noises": [len(st.unit), len(unit)]}
         log(f"  {st.name:22s} headline {n} evals: {headline[n]}")
     return rows, kinds, cal_rows, reference, headline
