@@ -596,6 +596,32 @@ def _int_keys(obj):
     return obj
 
 
+def finished_jobs(jobs, code):
+    """(results of the ``jobs`` an earlier run finished under the code fingerprint ``code``, the jobs still to run)."""
+    reused, remaining = [], []
+    for j in jobs:
+        try:
+            with open(job_file(j)) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):  # not run, or cut short while writing
+            remaining.append(j)
+            continue
+        if saved.get("fingerprint") == code and saved.get("calibrated") == j[9]:
+            reused.append(_int_keys(saved["result"]))
+        else:
+            remaining.append(j)
+    return reused, remaining
+
+
+def save_job(job, result):
+    """Keep one job's result for ``--resume``: written whole, then renamed, so a job killed mid-write leaves none."""
+    path = job_file(job)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"fingerprint": job[-1], "calibrated": job[9], "result": result}, f, default=str)
+    os.replace(path + ".tmp", path)
+
+
 def run_one(job):
     """One job in its own process (one thread each: small batches scale better so): a setting at one evaluation
     count, its image grid, or its cost curve."""
@@ -619,11 +645,7 @@ def run_one(job):
         result["curve"] = cost_curve(st, n, CURVE_FACTORS, log)
     log(f"{st.name} {kind} {n}: {(time.perf_counter() - t0) / 60:.1f} min")
     result["minutes"] = round((time.perf_counter() - t0) / 60, 1)
-    path = job_file(job)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:  # written whole, then renamed: a job killed mid-write leaves no result
-        json.dump({"fingerprint": job[-1], "calibrated": job[9], "result": result}, f, default=str)
-    os.replace(path + ".tmp", path)
+    save_job(job, result)
     return result
 
 
@@ -660,15 +682,7 @@ def main():
     jobs.sort(key=lambda j: -weight[j[0]] * COST.get(j[3], 1.3))
     reused = []
     if args.resume:
-        for j in list(jobs):
-            try:
-                with open(job_file(j)) as f:
-                    saved = json.load(f)
-            except (OSError, ValueError):
-                continue
-            if saved["fingerprint"] == code and saved["calibrated"] == j[9]:
-                reused.append(_int_keys(saved["result"]))
-                jobs.remove(j)
+        reused, jobs = finished_jobs(jobs, code)
         print(f"resuming: {len(reused)} jobs reused from {os.path.join(args.out, 'partial')} (code {code}), "
               f"{len(jobs)} to run", flush=True)
     if not jobs:
