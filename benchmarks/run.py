@@ -643,8 +643,8 @@ def run_one(job):
         result["grid_names"] = image_grid(st, os.path.join(out, "grid.png"))
     else:
         result["curve"] = cost_curve(st, n, CURVE_FACTORS, log)
-    log(f"{st.name} {kind} {n}: {(time.perf_counter() - t0) / 60:.1f} min")
     result["minutes"] = round((time.perf_counter() - t0) / 60, 1)
+    log(f"{st.name} {kind} {n}: {result['minutes']:.1f} min")
     save_job(job, result)
     return result
 
