@@ -17,10 +17,10 @@ import sys
 import torch
 
 
-def _schedule(bed, sampler, steps, evaluations):
+def _schedule(bed, sampler, steps, evaluations, options=None):
     from ..samplers import steps_for_evaluations
     if evaluations is not None:
-        found = steps_for_evaluations(sampler, evaluations)
+        found = steps_for_evaluations(sampler, evaluations, **(options or {}))
         if found is None:
             raise SystemExit(f"{sampler} cannot take exactly {evaluations} model evaluations; try one more or less")
         return bed.sigmas(*found)
@@ -51,7 +51,8 @@ def cmd_calibrate(args):
         raise SystemExit(str(e))
     if spread is not None:
         return calibrate_spread(args, bed, spread)
-    sig = _schedule(bed, args.sampler, args.steps, args.evaluations)
+    options = {"afs": True} if args.afs else {}
+    sig = _schedule(bed, args.sampler, args.steps, args.evaluations, options)
     noise = bed.noise(args.batch, args.seed, sig)
     width = 40
 
@@ -64,7 +65,7 @@ def cmd_calibrate(args):
                     fine_steps=args.fine_steps, target=args.target, chunk_size=args.chunk_size,
                     holdout=args.holdout, sigma_min=bed.sigma_min, end_to_end=args.end_to_end,
                     learn_sigmas=args.learn_sigmas, budget=args.budget, progress=None if args.quiet else progress,
-                    info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed, "cfg": args.cfg,
+                    **options, info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed, "cfg": args.cfg,
                           "made_by": "python -m calibrated_samplers.calibration calibrate"})
     if not args.quiet:
         print(file=sys.stderr)
@@ -96,7 +97,7 @@ def calibrate_spread(args, bed, spread):
         bed.model, bed.sigmas, args.sampler, noise, [{}], with_cfg=lambda c: (bed.model, bed.conditions(c)),
         family=bed.family, shift=bed.shift, fine_steps=args.fine_steps, target=args.target, chunk_size=args.chunk_size,
         holdout=args.holdout, sigma_min=bed.sigma_min, end_to_end=args.end_to_end, learn_sigmas=args.learn_sigmas,
-        budget=args.budget, progress=None if args.quiet else _bar(),
+        budget=args.budget, progress=None if args.quiet else _bar(), **({"afs": True} if args.afs else {}),
         info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed,
               "primary": {"steps": args.steps, "cfg": args.cfg},
               "made_by": "python -m calibrated_samplers.calibration calibrate"}, **spread)
@@ -227,6 +228,8 @@ def main(argv=None):
                    help="keep the requested time steps in the end-to-end stage")
     c.add_argument("--budget", type=float, default=None, help="model-evaluation equivalents per noise for the "
                    "end-to-end stage (default: a multiple of the per-step fit's)")
+    c.add_argument("--afs", action="store_true", help="analytic first step: the first step calls no model (one "
+                   "evaluation fewer at the same steps; with --evaluations, one step more)")
     c.add_argument("--more-steps", default="", help="more step counts in the same file, e.g. 4-12 or 6,10")
     c.add_argument("--cfg-list", default="", help="cfg values to fit, e.g. 3,5.5,8 or 3-8 (three values); lookups "
                    "in between interpolate")

@@ -29,7 +29,7 @@ from ..samplers import SAMPLERS, Family
 from ..samplers import amed as A
 from ..samplers import base as B
 from ..samplers._core import Denoiser, HISTORY_KEPT, prepare, remember, sigma_list
-from ..samplers.iia import VARIANT_BY_NAME
+from ..samplers.iia import VARIANT_BY_NAME, AnalyticFirst
 from . import end_to_end as E
 from .file import Calibration
 from .requests import check_request
@@ -288,7 +288,7 @@ def _solve(gram, ridge):
     return torch.linalg.solve(gram.G + ridge * scale * torch.eye(k, dtype=torch.float64), gram.r)
 
 
-def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info, scales):
+def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info, scales, afs=False):
     step_fn = B.BASE_STEPS[variant.base][0]
     n_coeffs = variant.columns(depth)
     coeffs = torch.zeros(run.n_steps, n_coeffs, dtype=torch.float64)
@@ -308,7 +308,8 @@ def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info, sca
             x = run.x[ch.sl].to(run.device)
             h = _take(hist, ch.sl, run.device)
             ev = run.denoiser(ch, x)
-            xb, q = step_fn(ev, x, i, run.sig, h, run.family, **options)
+            xb, q = step_fn(AnalyticFirst(ev, run.family) if (afs and i == 0) else ev, x, i, run.sig, h, run.family,
+                            **options)
             y = targets[j].to(run.device) if targets is not None else teacher.local(i, x, h, ev)
             run.count(ev, ch)
             basis = variant.basis(q, h, run.family, depth)
@@ -715,7 +716,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
             params = _base_params(fn.kind, run.n_steps, variant.columns(0) if fn.kind == "iia" else None)
         elif fn.kind == "iia":
             params, before, after, fallback = _fit_iia(run, variant, teacher, target, depth, ridge,
-                                                       solver_options, fit_info, scales)
+                                                       solver_options, fit_info, scales, afs)
         else:
             params, before, after, fallback = _fit_amed(run, sampler, teacher, target, afs, solver_options,
                                                         fit_info)

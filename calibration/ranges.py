@@ -232,6 +232,9 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
         raise ValueError(f"steps must be whole numbers of at least 1, got {steps}")
     if not denoises or not all(0 < d <= 1 for d in denoises):
         raise ValueError(f"denoise values must be in (0, 1], got {denoises}")
+    if settings.get("afs") and min(denoises) < 1:
+        raise ValueError("afs (the analytic first step) assumes the run starts from pure noise: leave the denoise "
+                         "values below 1 out, or calibrate them in a file without afs")
     if SAMPLERS.get(sampler) is None or SAMPLERS[sampler].kind == "plain":
         raise ValueError(f"{sampler!r} is not a calibrated sampler")
     fam = Family.of(family, shift)

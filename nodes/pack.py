@@ -72,7 +72,8 @@ def comfy_version():
 
 def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, batch_size, seed, filename,
                    width, height, negative=None, latent=None, sigmas=None, chunk_size=8, overwrite=False,
-                   end_to_end=True, learn_sigmas=True, max_minutes=0.0, more_steps="", cfg_list="", denoise_list=""):
+                   end_to_end=True, learn_sigmas=True, max_minutes=0.0, more_steps="", cfg_list="", denoise_list="",
+                   afs=False):
     import comfy.model_management as mm
     import comfy.samplers
     import folder_paths
@@ -106,6 +107,8 @@ def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, b
             "prompts": len(pairs), "latent_shape": list(shape)}
     fit_options = {"fine_steps": fine_steps, "chunk_size": chunk_size, "end_to_end": bool(end_to_end),
                    "learn_sigmas": bool(learn_sigmas), "time_limit": 60.0 * max_minutes if max_minutes else None}
+    if afs:  # only then: files made without it stay as they were
+        fit_options["afs"] = True
     job = CalibrationJob(method, noise, first, len(pairs), fit_options, info, comfy_progress(),
                          mm.processing_interrupted, spread=spread)
     guider = make_guider(model, pairs, cfg)
@@ -213,7 +216,10 @@ NODES = [
           In("cfg_list", "STRING", "", optional=True, tooltip="cfg values to fit instead of cfg alone, e.g. 3, 5.5, 8 "
              "(or 3-8 for three evenly spaced): runs at a cfg between them interpolate"),
           In("denoise_list", "STRING", "", optional=True, tooltip="denoise values for img2img and hires fix, e.g. "
-             "1, 0.6, 0.4 (each fitted on the model's own images, re-noised)")],
+             "1, 0.6, 0.4 (each fitted on the model's own images, re-noised)"),
+          In("afs", "BOOLEAN", False, optional=True, tooltip="analytic first step: the first step needs no model "
+             "evaluation (one fewer per image at the same steps) and the calibration learns around it; for text-to-"
+             "image (full denoise)")],
          [("CALIBRATION", "calibration"), ("SIGMAS", "sigmas"), ("IMAGE", "residuals")],
          calibrate_node, output_node=True),
     Node("CalibratedSamplersSampler", "Sampler from calibration", CATEGORY,

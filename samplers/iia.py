@@ -14,6 +14,7 @@ import torch
 
 from . import base as B
 from ._core import HISTORY_KEPT, CalibrationMismatch, calibrated_sampler, sigma_list
+from .amed import afs_denoised
 from .registry import register
 
 
@@ -143,16 +144,31 @@ VARIANTS = [
 ]
 
 
-def base_evaluations(base, sigmas, **options):
+def base_evaluations(base, sigmas, afs=False, **options):
     sig = sigma_list(sigmas)
     n = len(sig) - 1
     last_free = 1 if sig[-1] == 0 else 0
     per_step = B.BASE_STEPS[base][1]
     if per_step == 2:
-        return 2 * n - last_free
+        return 2 * n - last_free - (1 if afs else 0)
     if base == "spndm":
-        return n + (1 if sig[1] > 0 else 0)
-    return n
+        return n + (1 if sig[1] > 0 else 0) - (1 if afs else 0)
+    return n - (1 if afs else 0)
+
+
+class AnalyticFirst:
+    """The denoiser with its first call answered without the model (AFS, as AMED uses it: Zhou et al. 2024): at the
+    first sigma the model sees nearly pure noise, and its output there is close to the analytic one for data of
+    zero mean and unit variance. A two-evaluation base step still calls the model for its second evaluation."""
+
+    def __init__(self, ev, family):
+        self.ev, self.family, self.answered = ev, family, False
+
+    def __call__(self, x, sigma):
+        if self.answered:
+            return self.ev(x, sigma)
+        self.answered = True
+        return afs_denoised(x, sigma, self.family)
 
 
 class TimeScaled:
@@ -166,11 +182,13 @@ class TimeScaled:
         return self.ev(x, self.scale * sigma)
 
 
-def iia_step(base_step, variant, coeffs, scales, ev, x, i, sig, hist, family):
-    """The base step (its model queried at ``scales[i]`` times its sigmas), then the fitted multiples of its basis
-    vectors (``coeffs``: one row per step, or None)."""
+def iia_step(base_step, variant, coeffs, scales, afs, ev, x, i, sig, hist, family):
+    """The base step (its model queried at ``scales[i]`` times its sigmas; with ``afs`` the first step's denoised is
+    the analytic one), then the fitted multiples of its basis vectors (``coeffs``: one row per step, or None)."""
     if scales is not None:
         ev = TimeScaled(ev, scales[i])
+    if afs and i == 0:
+        ev = AnalyticFirst(ev, family)
     x_next, q = base_step(ev, x, i, sig, hist, family)
     if coeffs is not None:
         x_next = variant.correct(x_next, coeffs[i], q, hist, family, variant.depth(len(coeffs[i])), i)
@@ -182,9 +200,10 @@ def stepper(variant, params, options):
     None) and solver options."""
     options = dict(options)
     v = variant.with_basis(options.pop("basis", None))
+    afs = bool(options.pop("afs", False))
     coeffs = None if params is None else params["coeffs"]
     scales = None if params is None else params.get("a")
-    step = partial(iia_step, partial(B.BASE_STEPS[variant.base][0], **options), v, coeffs, scales)
+    step = partial(iia_step, partial(B.BASE_STEPS[variant.base][0], **options), v, coeffs, scales, afs)
     if coeffs is not None:  # a table of the wrong width is refused before any model call
         step.history_kept = max(HISTORY_KEPT, v.depth(len(coeffs[0])) + 1)
     return step

@@ -6,6 +6,7 @@ import pytest
 
 from calibrated_samplers.calibration import load
 from calibrated_samplers.calibration.cli import main
+from calibrated_samplers.samplers import SAMPLERS
 
 
 def test_calibrate_inspect_plot(tmp_path, capsys):
@@ -21,6 +22,15 @@ def test_calibrate_inspect_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     main(["plot", str(out), str(tmp_path / "cal.png")])
     assert (tmp_path / "cal.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_with_afs_takes_one_step_more_for_the_same_evaluations(tmp_path):
+    out = tmp_path / "afs.safetensors"
+    main(["calibrate", "--model", "analytic-edm", "--sampler", "iia_dpmpp_2m", "--evaluations", "5", "--afs",
+          "--batch", "64", "--no-end-to-end", "--quiet", "--out", str(out)])
+    cal = load(out)
+    assert cal.steps == 6 and cal.options == {"afs": True}
+    assert SAMPLERS["iia_dpmpp_2m"].evaluations(cal.sigmas, **cal.options) == 5
 
 
 def test_module_entry_point_and_clear_errors(tmp_path):

@@ -422,7 +422,7 @@ def test_classic_nodes_declare_inputs_and_outputs(comfy):
     assert types["required"]["method"][0] == [n for n, f in SAMPLERS.items() if f.kind != "plain"]
     assert types["required"]["seed"][1]["control_after_generate"] is True
     assert set(types["optional"]) == {"negative", "latent", "sigmas", "chunk_size", "overwrite", "end_to_end",
-                                      "learn_sigmas", "max_minutes", "more_steps", "cfg_list", "denoise_list"}
+                                      "learn_sigmas", "max_minutes", "more_steps", "cfg_list", "denoise_list", "afs"}
     assert calib.RETURN_TYPES == ("CALIBRATION", "SIGMAS", "IMAGE") and calib.OUTPUT_NODE
     assert names["CalibratedSamplersCalibrate"] == "Fit calibration (run once, saves a file)"
     assert classes["CalibratedSamplersSampler"].RETURN_TYPES == ("SAMPLER", "SIGMAS")
@@ -456,6 +456,25 @@ def test_calibrate_node_writes_a_file_the_sampler_nodes_use(comfy, tmp_path):
     guider.active_prompt = 1
     out = sampler.sampler_function(cs.Denoiser(guider), x, sig, **sampler.extra_options)
     assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](cs.Denoiser(guider), x, sig, calibration=saved))
+
+
+def test_calibrate_node_with_afs_writes_a_file_the_dropdown_samples_with_one_evaluation_fewer(comfy, tmp_path):
+    from calibrated_samplers.nodes import pack
+    pack.register_folder()
+    patcher = cs.Patcher()
+    pack.calibrate_node(patcher, [["p0", {}]], 2.0, "iia_dpmpp_2m", "karras", 5, 3, 8, 0, "first_free", 32, 32,
+                        negative=[["n", {}]], chunk_size=4, end_to_end=False, afs=True)
+    saved = load(tmp_path / "models" / "calibrated_samplers" / "first_free.safetensors")
+    assert saved.options == {"afs": True}
+    sig = comfy.samplers.calculate_sigmas(None, "karras", 5)
+    x = cs.MIXTURE.noise(2, seed=9, dtype=torch.float32) * float(sig[0])
+    model = denoiser(patcher, 2.0)
+    out = runtime.dropdown_sampler("iia_dpmpp_2m", pack.LIBRARY)(model, x, sig)
+    assert model.calls == 4  # 5 steps, the first without the model
+    assert torch.equal(out, SAMPLERS["iia_dpmpp_2m"](model, x, sig, calibration=saved))
+    with pytest.raises(ValueError, match="pure noise"):
+        pack.calibrate_node(patcher, [["p0", {}]], 2.0, "iia_dpmpp_2m", "karras", 5, 3, 8, 0, "mixed", 32, 32,
+                            negative=[["n", {}]], chunk_size=4, end_to_end=False, afs=True, denoise_list="1, 0.5")
 
 
 def test_calibrate_node_over_ranges_writes_one_file_that_every_listed_setting_finds(comfy, tmp_path):
