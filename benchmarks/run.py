@@ -544,7 +544,7 @@ def write_markdown(path, results, cal_rows, curves, heads, command, machine, too
               f"- Calibrated samplers other than {', '.join(CALIBRATED)}: each costs as much again; earlier runs "
               "(git history of this file) had all twelve with the per-step fit only.",
               "- Evaluation counts 4, 8 and 10 on the settings other than digits-eps cfg 1 (time: the whole run is "
-              "sized for about an hour and a half on two CPU cores).",
+              "sized for about two and a half hours on two CPU cores).",
               "- A PAS-style (PCA-basis) peer: `benchmarks/pas.py` measures it on these cells, beside this run's "
               "results.json ([PAS.md](PAS.md)).",
               "- GPU wall time and memory: no GPU was lent to the session that made this file. "
@@ -554,7 +554,7 @@ def write_markdown(path, results, cal_rows, curves, heads, command, machine, too
 
 
 # the evaluation counts each setting is measured at: the full range on the first, the targets' 5 and 6 on the
-# others (the whole benchmark must fit in about an hour and a half on two CPU cores)
+# others (the whole benchmark must fit in about two and a half hours on two CPU cores)
 EVALS = {("digits-eps", 1.0): [4, 5, 6, 8, 10], ("digits-eps", 5.0): [5, 6], ("digits-flow", 1.0): [5, 6],
          ("digits-eps-narrow", 1.0): [5, 6]}
 COST = {4: 0.7, 5: 1.0, 6: 1.3, 8: 2.0, 10: 2.8}  # rough relative cost of one cell, to start the longest jobs first
