@@ -49,22 +49,11 @@ def job(model_name, cfg, n, variant):
     if variant == "afs":
         K = load_k_diffusion_sampling()
         best = None
-        for name, twin in list(bench.K_SAMPLERS.items()) + list(bench.PACK_PLAIN.items()):
-            found = steps_for_evaluations(twin, n)
-            if found is None:
-                continue
-            for sched, make in scheds.items():
-                sig = make(*found)
-                if sig is None:
-                    continue
-                if name in bench.K_SAMPLERS:
-                    again = (lambda u, fn=getattr(K, f"sample_{name}"), sig=sig: st.sample(fn, sig, u))
-                else:
-                    again = (lambda u, fn=SAMPLERS[twin], sig=sig: st.sample(fn, sig, u, **st.fam))
-                e = bench.per_noise_rmse(again(None), st.reference)
-                r = float(e.pow(2).mean().sqrt())
-                if best is None or r < best[0]:
-                    best = (r, f"{name} ({sched})", e, again)
+        for label, again in bench.uncalibrated_samplers(st, n, scheds, K):
+            e = bench.per_noise_rmse(again(None), st.reference)
+            r = float(e.pow(2).mean().sqrt())
+            if best is None or r < best[0]:
+                best = (r, label, e, again)
         out["uncalibrated"] = {"label": best[1], "test": best[2].tolist(),
                                "fresh": bench.per_noise_rmse(best[3](unit), fresh_reference).tolist()}
     opts = VARIANTS[variant]

@@ -188,6 +188,25 @@ class Setting:
                          sigma_min=self.bed.sigma_min, **self.fam, **kw)
 
 
+def uncalibrated_samplers(st, n, scheds, K):
+    """(label, f(noises or None) -> endpoints) of every uncalibrated sampler on every fixed schedule in ``scheds`` at
+    ``n`` evaluations; ``K`` is k-diffusion's sampling module."""
+    for name, twin in list(K_SAMPLERS.items()) + list(PACK_PLAIN.items()):
+        found = steps_for_evaluations(twin, n)
+        if found is None:
+            continue
+        for sched, make in scheds.items():
+            sig = make(*found)
+            if sig is None:
+                continue
+            if name in K_SAMPLERS:
+                yield f"{name} ({sched})", (lambda unit, fn=getattr(K, f"sample_{name}"), sig=sig:
+                                            st.sample(fn, sig, unit))
+            else:
+                yield f"{name} ({sched})", (lambda unit, fn=SAMPLERS[twin], sig=sig:
+                                            st.sample(fn, sig, unit, **st.fam))
+
+
 def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
     K = load_k_diffusion_sampling()
     rows = {}  # label -> {evaluations: metrics}
@@ -221,20 +240,8 @@ def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
         return cal, seconds, (peak - start_rss) / 2 ** 20 if peak and start_rss else float("nan")
 
     for n in evals:
-        # uncalibrated, every fixed schedule
-        for name, twin in list(K_SAMPLERS.items()) + list(PACK_PLAIN.items()):
-            found = steps_for_evaluations(twin, n)
-            if found is None:
-                continue
-            for sched, make in scheds.items():
-                sig = make(*found)
-                if sig is None:
-                    continue
-                if name in K_SAMPLERS:
-                    again = (lambda unit, fn=getattr(K, f"sample_{name}"), sig=sig: st.sample(fn, sig, unit))
-                else:
-                    again = (lambda unit, fn=SAMPLERS[twin], sig=sig: st.sample(fn, sig, unit, **st.fam))
-                record(f"{name} ({sched})", "uncalibrated", n, again(None), again=again)
+        for label, again in uncalibrated_samplers(st, n, scheds, K):
+            record(label, "uncalibrated", n, again(None), again=again)
         # peers: GITS-style and LD3-style schedules for the plain DPM-Solver++(2M) and iPNDM
         default = next(iter(scheds.values()))
         for solver, twin in PEER_SOLVERS.items():
@@ -252,8 +259,7 @@ def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
                     cal.info["end_to_end"]["start_evaluations_per_sample"]
                     + cal.info["end_to_end"]["evaluations_per_sample"]})
         # the pack's calibrations: the default (end to end), and the per-step fit alone for the record
-        for name, label, kw in [(CALIBRATED_AS.get(m, (m, {}))[0], m, CALIBRATED_AS.get(m, (m, {}))[1])
-                                for m in calibrated] + [
+        for name, label, kw in [(name, m, kw) for m in calibrated for name, kw in [CALIBRATED_AS.get(m, (m, {}))]] + [
                 ("iia_dpmpp_2m", "iia_dpmpp_2m (per-step fit only)", {"end_to_end": False})]:
             found = steps_for_evaluations(name, n, **{k: v for k, v in kw.items() if k == "afs"})
             if found is None:

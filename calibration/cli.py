@@ -65,8 +65,8 @@ def cmd_calibrate(args):
                     fine_steps=args.fine_steps, target=args.target, chunk_size=args.chunk_size,
                     holdout=args.holdout, sigma_min=bed.sigma_min, end_to_end=args.end_to_end,
                     learn_sigmas=args.learn_sigmas, budget=args.budget, progress=None if args.quiet else progress,
-                    **options, info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed, "cfg": args.cfg,
-                          "made_by": "python -m calibrated_samplers.calibration calibrate"})
+                    info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed, "cfg": args.cfg,
+                          "made_by": "python -m calibrated_samplers.calibration calibrate"}, **options)
     if not args.quiet:
         print(file=sys.stderr)
     cal.save(args.out)

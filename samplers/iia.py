@@ -150,10 +150,12 @@ def base_evaluations(base, sigmas, afs=False, **options):
     last_free = 1 if sig[-1] == 0 else 0
     per_step = B.BASE_STEPS[base][1]
     if per_step == 2:
-        return 2 * n - last_free - (1 if afs else 0)
-    if base == "spndm":
-        return n + (1 if sig[1] > 0 else 0) - (1 if afs else 0)
-    return n - (1 if afs else 0)
+        count = 2 * n - last_free
+    elif base == "spndm":
+        count = n + (1 if sig[1] > 0 else 0)
+    else:
+        count = n
+    return count - (1 if afs else 0)  # the analytic first step answers one call without the model
 
 
 class AnalyticFirst:
