@@ -339,11 +339,12 @@ def register(library, env):
 
 def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts, negative_prompt="",
                        batch_size=32, fine_steps=10, seed=0, filename="", chunk_size=4, overwrite=False,
-                       on_progress=None, more_steps="", cfg_list="", denoise_list="", end_to_end=True):
+                       on_progress=None, more_steps="", cfg_list="", denoise_list="", end_to_end=True, afs=False):
     """Calibrate the loaded checkpoint (under the web UI's queue lock); returns (Calibration or CalibrationSet,
     path). ``on_progress(done, total)``: also told of each step of the work (the tab's progress bar).
     ``more_steps``, ``cfg_list``, ``denoise_list``: one file for several settings (calibration.requests); denoise
-    values are fitted as img2img and as hires fix cut the schedule."""
+    values are fitted as img2img and as hires fix cut the schedule. ``afs``: the analytic first step (the file's
+    runs make one model call fewer; txt2img only, so a denoise list below 1 is refused)."""
     import torch
     from modules import call_queue, processing, shared
     from calibrated_samplers.calibration.requests import (check_entries, check_request, output_path, parse_cfgs,
@@ -359,6 +360,9 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     spread = {"steps": parse_steps(more_steps, steps), "cfgs": parse_cfgs(cfg_list, cfg),
               "denoises": parse_denoises(denoise_list)}
     check_entries(**spread)
+    if afs and min(spread["denoises"]) < 1:  # refused now, not after the web UI has started its run
+        raise ValueError("the analytic first step assumes the run starts from pure noise: leave the denoise values "
+                         "below 1 out, or calibrate them in a file without it")
     if sum(len(v) for v in spread.values()) == 3:
         spread = None  # one setting: a plain file, as before
     known = env.schedulers()
@@ -389,8 +393,10 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         counts = spread["steps"] if spread else [steps]
         info = {"made_by": "web UI calibrate", "schedule": f"{scheduler}, {', '.join(map(str, counts))} steps",
                 "seed": int(seed), "prompts": len(prompts), "latent_shape": list(noise.shape[1:])}
-        job = Job(method, noise, prompts, {"fine_steps": int(fine_steps), "end_to_end": bool(end_to_end)}, info, progress,
-                  lambda: bool(shared.state.interrupted), spread)
+        fit_options = {"fine_steps": int(fine_steps), "end_to_end": bool(end_to_end)}
+        if afs:  # only then: files made without it stay as they were
+            fit_options["afs"] = True
+        job = Job(method, noise, prompts, fit_options, info, progress, lambda: bool(shared.state.interrupted), spread)
         _pending.job = job
         started = time.time()
         shared.state.begin(job="calibrated_samplers")
@@ -431,6 +437,7 @@ def add_api(app, env, library):
         cfg_list: str = ""
         denoise_list: str = ""
         end_to_end: bool = True
+        afs: bool = False
 
     def calibrate_route(req: CalibrateRequest):
         from calibrated_samplers.calibration.file import CalibrationSet
@@ -457,7 +464,7 @@ def add_api(app, env, library):
 
 
 def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed,
-                 filename, overwrite, progress=None, more_steps="", cfg_list="", denoise_list=""):
+                 filename, overwrite, progress=None, more_steps="", cfg_list="", denoise_list="", afs=False):
     """The tab's Calibrate button: the method by its name in the sampler list, prompts one per line;
     returns (message, residual picture or None). ``progress(fraction, desc=...)``: Gradio's progress bar."""
     from calibrated_samplers.calibration.picture import residual_image
@@ -470,7 +477,7 @@ def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, nega
         result, path = calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts.splitlines(),
                                           negative, batch_size, fine_steps, seed, filename, overwrite=overwrite,
                                           on_progress=on_progress, more_steps=more_steps, cfg_list=cfg_list,
-                                          denoise_list=denoise_list)
+                                          denoise_list=denoise_list, afs=bool(afs))
     except (ValueError, FileExistsError, InterruptedError) as e:
         return f"Not calibrated: {e}", None
     if hasattr(result, "entries"):
@@ -487,9 +494,9 @@ def ui_tab(env):
     schedulers = [s.label for s in sd_schedulers.schedulers]
 
     def run(method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed, filename,
-            overwrite, more_steps, cfg_list, denoise_list, progress=gr.Progress()):
+            overwrite, more_steps, cfg_list, denoise_list, afs, progress=gr.Progress()):
         return run_from_tab(env, method, steps, scheduler, cfg, width, height, prompts, negative, batch_size,
-                            fine_steps, seed, filename, overwrite, progress, more_steps, cfg_list, denoise_list)
+                            fine_steps, seed, filename, overwrite, progress, more_steps, cfg_list, denoise_list, afs)
 
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
@@ -507,6 +514,8 @@ def ui_tab(env):
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 filename = gr.Textbox(label="File name (models/calibrated_samplers/<name>.safetensors)")
                 overwrite = gr.Checkbox(False, label="Overwrite")
+                afs = gr.Checkbox(False, label="Analytic first step (the first step calls no model: one call fewer "
+                                         "per image; txt2img only)")
                 with gr.Accordion("More settings in the same file (each costs a calibration)", open=False):
                     more_steps = gr.Textbox(label="More step counts (e.g. 4-12 or 6, 10, 20)")
                     cfg_list = gr.Textbox(label="CFG values (e.g. 3, 5.5, 8, or 3-8 for three): between them it "
@@ -519,7 +528,7 @@ def ui_tab(env):
                 status = gr.Textbox(label="Result")
                 picture = gr.Image(label="Held-out error per step and at the end, base and calibrated")
         go.click(run, [method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed,
-                       filename, overwrite, more_steps, cfg_list, denoise_list], [status, picture])
+                       filename, overwrite, more_steps, cfg_list, denoise_list, afs], [status, picture])
         # the calibration checks the web UI's interrupt flag between chunks and then writes nothing
         stop.click(lambda: shared.state.interrupt(), [], [])
     return [(tab, "Calibrated Samplers", "calibrated_samplers")]

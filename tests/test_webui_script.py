@@ -199,6 +199,38 @@ def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_
     assert torch.allclose(cal.params["coeffs"], want.params["coeffs"], rtol=1e-5, atol=1e-8)
 
 
+def test_an_afs_job_writes_a_file_whose_runs_make_one_model_call_fewer(script, tmp_path):
+    """The tab's and the API's ``afs`` reaches calibrate(): the file keeps the option, and the web UI's sampler,
+    finding the file, runs its first step without the model."""
+    sd = forge_model(0)
+    noise = cs.MIXTURE.noise(12, seed=2, dtype=torch.float32)
+    job = script.Job("iia_dpmpp_2m", noise, ["cat"], {"fine_steps": 3, "end_to_end": False, "afs": True}, {"seed": 2})
+    script._pending.job = job
+    try:
+        x = cs.MIXTURE.noise(4, seed=3, dtype=torch.float32) * float(SIGMAS[0])
+        script.make_sampler("iia_dpmpp_2m", Library(list), Env(sd))(CFGModel(4), x, SIGMAS, extra_args=extra(4))
+    finally:
+        script._pending.job = None
+    assert job.result.options == {"afs": True}
+    job.result.save(tmp_path / "afs.safetensors")
+    fn = script.make_sampler("iia_dpmpp_2m", script.library_for(str(tmp_path)), Env(sd))
+    model, plain = CFGModel(2), CFGModel(2)
+    x = cs.MIXTURE.noise(2, seed=5, dtype=torch.float32) * float(SIGMAS[0])
+    fn(model, x, SIGMAS, extra_args=extra(2))
+    SAMPLERS["iia_dpmpp_2m"](plain, x, SIGMAS, extra_args=extra(2))
+    assert model.calls == plain.calls - 1 == len(SIGMAS) - 2
+    assert model.p.extra_generation_params["Calibration"].startswith("afs.safetensors (")
+
+
+def test_afs_with_a_denoise_list_is_refused_before_the_web_ui_runs(script, monkeypatch):
+    modules = types.ModuleType("modules")
+    modules.call_queue = modules.processing = modules.shared = types.SimpleNamespace()  # touched only after the check
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    with pytest.raises(ValueError, match="pure noise"):
+        script.calibrate_in_webui(Env(forge_model(0)), "iia_dpmpp_2m", 8, "Karras", 5.0, 512, 512, ["a cat"],
+                                  denoise_list="1, 0.5", afs=True)
+
+
 def test_a_range_calibration_serves_other_steps_cfgs_and_both_web_ui_denoise_cuts(script, tmp_path):
     """more_steps / cfg_list / denoise_list through the web UI's job: one file; img2img and hires fix cut a schedule
     differently for the same steps and denoise, and both are fitted; a hires pass finds its entry."""
@@ -287,7 +319,7 @@ def test_the_tab_takes_sampler_list_names_shows_progress_and_says_why_not(script
     seen, bar = {}, []
 
     def fake(env, method, *args, on_progress=None, **kw):
-        seen["method"] = method
+        seen["method"], seen["afs"] = method, kw.get("afs")
         for done in range(1, 5):
             on_progress(done, 4)
         return cal, str(tmp_path / "x.safetensors")
@@ -295,9 +327,11 @@ def test_the_tab_takes_sampler_list_names_shows_progress_and_says_why_not(script
     args = (8, "Karras", 5.0, 512, 512, "a cat\na dog", "", 32, 10, 0, "x", False)
     message, picture = script.run_from_tab(None, "IIA DPM++ 2M (calibrated)", *args,
                                            progress=lambda f, desc="": bar.append((f, desc)))
-    assert seen["method"] == "iia_dpmpp_2m" and message.startswith("Wrote ")
+    assert seen["method"] == "iia_dpmpp_2m" and seen["afs"] is False and message.startswith("Wrote ")
     assert [f for f, _ in bar] == [0.25, 0.5, 0.75, 1.0] and "IIA DPM++ 2M (calibrated)" in bar[0][1]
     assert picture.dtype.name == "uint8" and picture.ndim == 3
+    script.run_from_tab(None, "IIA DPM++ 2M (calibrated)", *args, afs=True)
+    assert seen["afs"] is True
 
     def refuse(*a, **k):
         raise InterruptedError("calibration was interrupted: nothing was written")
