@@ -134,6 +134,25 @@ def test_a_range_file_serves_a_cfg_between_its_fitted_ones_and_the_hires_pass(fo
     assert 'Calibration: "none: uncalibrated' in info["infotexts"][0]
 
 
+def test_an_afs_calibration_through_the_route(forge, calibrated):
+    """``afs`` in the API: the file keeps the option and txt2img uses it; with a denoise below 1 it is refused (400)
+    before any work, with the reason."""
+    status, body = forge.post("/calibrated-samplers/calibrate", dict(
+        CALIBRATE, method="iia_dpmpp_2m", filename="forge_afs", afs=True, end_to_end=False))
+    assert status == 200, body
+    assert load(os.path.join(forge.folder, "forge_afs.safetensors")).options == {"afs": True}
+    os.rename(os.path.join(forge.folder, "forge_iia.safetensors"), os.path.join(forge.folder, "forge_iia.moved"))
+    try:  # the two files fit the same setting: the AFS one alone must be found
+        info, _ = forge.txt2img(LABELS["iia_dpmpp_2m"])
+    finally:
+        os.rename(os.path.join(forge.folder, "forge_iia.moved"), os.path.join(forge.folder, "forge_iia.safetensors"))
+        os.remove(os.path.join(forge.folder, "forge_afs.safetensors"))
+    assert f"Calibration: forge_afs.safetensors ({body['hash']})" in info["infotexts"][0]
+    status, body = forge.post("/calibrated-samplers/calibrate", dict(
+        CALIBRATE, method="iia_dpmpp_2m", filename="forge_afs_hires", afs=True, denoise_list="1, 0.5"))
+    assert status == 400 and "pure noise" in body["detail"]
+
+
 def test_calibrate_on_first_use_option(forge, calibrated):
     """The web UI option: a txt2img run no file fits is calibrated first, saved, named in the infotext; the next
     run at that setting uses the file without calibrating again."""
