@@ -46,7 +46,7 @@ def cmd_calibrate(args):
             spread = {"steps": parse_steps(args.more_steps, args.steps),
                       "cfgs": parse_cfgs(args.cfg_list, args.cfg) if (args.cfg_list or args.cfg is not None) else [None],
                       "denoises": parse_denoises(args.denoise_list)}
-            check_entries(**spread)
+            check_entries(**spread, afs=args.afs)
     except RequestError as e:
         raise SystemExit(str(e))
     if spread is not None:

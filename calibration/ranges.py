@@ -24,7 +24,7 @@ from ..samplers._core import HISTORY_KEPT, Denoiser, check_calibration, prepare,
 from .engine import CalibrationCancelled, _chunks, _sub_solve, _take, calibrate
 from .file import Calibration, CalibrationSet
 from .library import CFG_TOLERANCE
-from .requests import check_request
+from .requests import AFS_NEEDS_FULL_DENOISE, RequestError, check_request
 
 
 def denoise_schedule(schedule, steps, denoise=1.0):
@@ -233,8 +233,7 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
     if not denoises or not all(0 < d <= 1 for d in denoises):
         raise ValueError(f"denoise values must be in (0, 1], got {denoises}")
     if settings.get("afs") and min(denoises) < 1:
-        raise ValueError("afs (the analytic first step) assumes the run starts from pure noise: leave the denoise "
-                         "values below 1 out, or calibrate them in a file without afs")
+        raise RequestError(AFS_NEEDS_FULL_DENOISE)
     if SAMPLERS.get(sampler) is None or SAMPLERS[sampler].kind == "plain":
         raise ValueError(f"{sampler!r} is not a calibrated sampler")
     fam = Family.of(family, shift)

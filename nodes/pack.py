@@ -83,7 +83,7 @@ def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, b
                   filename=filename)
     spread = {"steps": parse_steps(more_steps, steps), "cfgs": parse_cfgs(cfg_list, cfg),
               "denoises": parse_denoises(denoise_list)}
-    check_entries(**spread)
+    check_entries(**spread, afs=afs)
     if sum(len(v) for v in spread.values()) == 3:
         spread = None  # one setting: a plain calibration file, as before ranges existed
     elif sigmas is not None:

@@ -359,10 +359,7 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
                   filename=filename)
     spread = {"steps": parse_steps(more_steps, steps), "cfgs": parse_cfgs(cfg_list, cfg),
               "denoises": parse_denoises(denoise_list)}
-    check_entries(**spread)
-    if afs and min(spread["denoises"]) < 1:  # refused now, not after the web UI has started its run
-        raise ValueError("the analytic first step assumes the run starts from pure noise: leave the denoise values "
-                         "below 1 out, or calibrate them in a file without it")
+    check_entries(**spread, afs=afs)  # refused now, not after the web UI has started its run
     if sum(len(v) for v in spread.values()) == 3:
         spread = None  # one setting: a plain file, as before
     known = env.schedulers()

@@ -55,5 +55,7 @@ def test_calibrate_a_range_file_and_inspect_every_entry(tmp_path, capsys):
     main(["inspect", str(out)])
     text = capsys.readouterr().out
     assert text.startswith("range file: iia_ddim, 4 calibrations") and text.count("--- entry") == 4
+    with pytest.raises(SystemExit, match="pure noise"):  # refused before any work, as the UIs refuse it
+        main(["calibrate", "--model", "analytic-eps", "--afs", "--denoise-list", "1, 0.5", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="list them"):
         main(["calibrate", "--model", "analytic-eps", "--denoise-list", "0.3-0.8", "--out", str(tmp_path / "x")])

@@ -203,3 +203,6 @@ def test_requests_parse_lists_and_ranges_and_name_what_is_wrong():
         parse_denoises("1.5")
     with pytest.raises(RequestError, match="narrow the lists"):
         check_entries(list(range(1, 101)), [1.0, 2.0, 3.0], [1.0])
+    assert check_entries([4, 6], [5.0], [1.0], afs=True) == 2
+    with pytest.raises(RequestError, match="pure noise"):
+        check_entries([4, 6], [5.0], [1.0, 0.5], afs=True)
