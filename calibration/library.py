@@ -55,11 +55,12 @@ def cfg_mismatch(cal, cfg):
 SHOWN_NOTES = 8
 
 
-def first_use_path(folder, method, sigmas, cfg, fingerprint_id):
-    """Where a first-use calibration of this run's setting is saved (the same name in both UIs)."""
+def first_use_path(folder, method, sigmas, cfg, fingerprint_id, afs=False):
+    """Where a first-use calibration of this run's setting is saved (the same name in both UIs; with the analytic
+    first step a name of its own, so neither kind of file overwrites the other)."""
     digest = tensor_digest(torch.as_tensor([float(s) for s in sigmas], dtype=torch.float64))[:8]
     return os.path.join(folder, f"auto_{method}_{len(sigmas) - 1}steps_cfg{cfg if cfg is not None else 0:g}_"
-                                f"{fingerprint_id[-8:]}_{digest}.safetensors")
+                                f"{fingerprint_id[-8:]}_{digest}{'_afs' if afs else ''}.safetensors")
 
 
 def no_match_message(label, uncalibrated, sigmas, cfg, notes, how):

@@ -153,13 +153,13 @@ def sampler_from_file_node(calibration_file, allow_other_model=False, sigmas=Non
 
 
 def first_use_node(sampler_name, calibrate_if_missing=True, batch_size=16, fine_steps=6, end_to_end=False,
-                   max_minutes=0.0):
+                   max_minutes=0.0, afs=False):
     import comfy.samplers
     import folder_paths
     return (comfy.samplers.KSAMPLER(sample_or_calibrate, extra_options={
         "method": sampler_name, "library": LIBRARY, "folder": folder_paths.get_folder_paths(FOLDER)[0],
         "calibrate_missing": bool(calibrate_if_missing), "batch_size": int(batch_size), "fine_steps": int(fine_steps),
-        "end_to_end": bool(end_to_end), "max_minutes": float(max_minutes)}),)
+        "end_to_end": bool(end_to_end), "max_minutes": float(max_minutes), "afs": bool(afs)}),)
 
 
 def gddim_node(order, corrector, lam):
@@ -242,7 +242,10 @@ NODES = [
           In("fine_steps", "INT", 6, min=1, max=100, tooltip="reference sub-steps per step"),
           In("end_to_end", "BOOLEAN", False, tooltip="also tune all steps together (several times slower, usually "
              "better)"),
-          In("max_minutes", "FLOAT", 0.0, min=0.0, max=1440.0, step=1.0, tooltip="limit for the end-to-end stage")],
+          In("max_minutes", "FLOAT", 0.0, min=0.0, max=1440.0, step=1.0, tooltip="limit for the end-to-end stage"),
+          In("afs", "BOOLEAN", False, optional=True, tooltip="fit new calibrations with the analytic first step (one "
+             "evaluation fewer per image at the same steps); text-to-image runs only: an img2img or hires-fix run is "
+             "fitted without it. A file already saved for the setting is used as it is")],
          [("SAMPLER", "sampler")], first_use_node),
     Node("CalibratedSamplersGDDIM", "gDDIM sampler", CATEGORY,
          "gDDIM (exponential-integrator multistep, ICLR 2023): needs no calibration.",

@@ -151,7 +151,7 @@ def dropdown_sampler(name, library):
 
 def sample_or_calibrate(model, x, sigmas, extra_args=None, callback=None, disable=None, method=None, library=None,
                         folder=None, calibrate_missing=True, batch_size=16, fine_steps=6, end_to_end=False,
-                        max_minutes=0.0, **options):
+                        max_minutes=0.0, afs=False, **options):
     """The SAMPLER function of the first-use node: the saved calibration matching the run, else (when
     ``calibrate_missing``) one fitted right here on the run's own model, prompts, cfg, schedule and image, saved to
     ``folder`` and used at once; the next run at the same setting finds the file."""
@@ -160,7 +160,7 @@ def sample_or_calibrate(model, x, sigmas, extra_args=None, callback=None, disabl
 
     def fit():
         return first_use_calibration(model, x, sigmas, extra_args, method, patcher, family, cfg, fp, folder,
-                                     batch_size, fine_steps, end_to_end, max_minutes)
+                                     batch_size, fine_steps, end_to_end, max_minutes, afs)
     calibration = find_or_warn(method, library, sigmas, family, fp, cfg,
                                "Turn on calibrate_if_missing, or run 'Fit calibration'",
                                fit if calibrate_missing else None)
@@ -169,9 +169,10 @@ def sample_or_calibrate(model, x, sigmas, extra_args=None, callback=None, disabl
 
 
 def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family, cfg, fp, folder, batch_size,
-                          fine_steps, end_to_end, max_minutes):
+                          fine_steps, end_to_end, max_minutes, afs=False):
     """(Calibration, path) fitted on this run, or (None, None) where a run cannot be calibrated (an inpainting
-    mask). Progress goes to the sampling node's bar; Cancel stops it and writes nothing."""
+    mask). Progress goes to the sampling node's bar; Cancel stops it and writes nothing. ``afs`` applies to a run
+    from pure noise only (an empty latent at the schedule's top sigma); another is fitted without it, with a note."""
     import comfy.model_management as mm
     extra = dict(extra_args or {})
     if extra.get("denoise_mask") is not None:
@@ -185,9 +186,17 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
     model_sampling = patcher.get_model_object("model_sampling")
     states = comfy_noise_scaling(model_sampling)(sigmas[0], noise, image)
     sigma_min = getattr(model_sampling, "sigma_min", None)
+    sigma_max = getattr(model_sampling, "sigma_max", None)
+    if afs and (bool(image.abs().max() > 0) or (
+            sigma_max is not None and float(sigmas[0]) < 0.99 * float(sigma_max))):  # a denoise below 1
+        afs = False
+        notify(f"[Calibrated Samplers] {method}: this run does not start from pure noise (img2img, hires fix or "
+               "denoise below 1); its first-use calibration is fitted without afs",
+               f"{method}: afs assumes a run from pure noise; this one starts from an image, so it was calibrated "
+               "without afs.")
     if end_to_end:
         normal_weights(patcher.model)
-    path = first_use_path(folder, method, sigmas, cfg, fp["id"])
+    path = first_use_path(folder, method, sigmas, cfg, fp["id"], afs)
     log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s)",
              method, batch_size, os.path.basename(path))
     try:
@@ -198,7 +207,8 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
                         cancel=mm.processing_interrupted,
                         info={"made_by": "ComfyUI first-use calibration", "cfg": cfg, "fingerprint": fp["id"],
                               "fingerprint_detail": fp, "seed": int(extra.get("seed") or 0),
-                              "schedule": "the run's own sigmas", "latent_shape": list(x.shape[1:])})
+                              "schedule": "the run's own sigmas", "latent_shape": list(x.shape[1:])},
+                        **({"afs": True} if afs else {}))
     except CalibrationCancelled:
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()

@@ -178,7 +178,8 @@ def call_padded(model, xs, sigma, batch, **kwargs):
 
 def fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, cfg, settings):
     """Calibrate this txt2img run's own setting (prompt, cfg, schedule) at a small batch, save it, return it with its
-    path. ``settings``: batch_size and fine_steps (the web UI's options)."""
+    path. ``settings``: batch_size, fine_steps and afs (the web UI's options; only txt2img runs, from pure noise,
+    come here, which afs assumes)."""
     import torch
     from calibrated_samplers.calibration import calibrate
     from calibrated_samplers.calibration.library import first_use_path
@@ -189,15 +190,17 @@ def fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, 
     states = start_state(family, env.sgm_noise_multiplier(), s0)(s0, noise, torch.zeros_like(noise))
     step = getattr(model, "step", None)  # the web UI's denoiser counts its calls (prompt editing): keep it
     fp = model_fingerprint(sd_model)
+    afs = bool(settings.get("afs", False))
     try:
         cal = calibrate(lambda xs, sigma: call_padded(model, xs, sigma, batch, **extra_args), sigmas, name, states, family=family.name, shift=family.shift,
                         fine_steps=int(settings["fine_steps"]), chunk_size=batch, end_to_end=False,
                         info={"made_by": "web UI first-use calibration", "cfg": cfg, "fingerprint": fp["id"],
-                              "fingerprint_detail": fp, "latent_shape": list(x.shape[1:])})
+                              "fingerprint_detail": fp, "latent_shape": list(x.shape[1:])},
+                        **({"afs": True} if afs else {}))
     finally:
         if step is not None:
             model.step = step
-    path = first_use_path(env.folder(), name, sigmas, cfg, fp["id"])
+    path = first_use_path(env.folder(), name, sigmas, cfg, fp["id"], afs)
     try:
         cal.save(path, replace=False)
     except FileExistsError:
@@ -278,7 +281,8 @@ class WebUI:
         from modules import shared
         if not getattr(shared.opts, "calibrated_samplers_first_use", False):
             return None
-        return {"batch_size": int(getattr(shared.opts, "calibrated_samplers_first_use_batch", 16)), "fine_steps": 6}
+        return {"batch_size": int(getattr(shared.opts, "calibrated_samplers_first_use_batch", 16)), "fine_steps": 6,
+                "afs": bool(getattr(shared.opts, "calibrated_samplers_first_use_afs", False))}
 
     def schedule(self, p):
         """n -> the sigmas the web UI samples ``p`` on at n steps (its scheduler and options)."""
@@ -541,6 +545,9 @@ def add_settings():
     shared.opts.add_option("calibrated_samplers_first_use_batch", shared.OptionInfo(
         16, "Noises for a first-use calibration", gr.Slider, {"minimum": 3, "maximum": 256, "step": 1},
         section=section))
+    shared.opts.add_option("calibrated_samplers_first_use_afs", shared.OptionInfo(
+        False, "First-use calibrations with the analytic first step (one model evaluation fewer per image at the same "
+        "steps; a file already saved for the setting is used as it is)", section=section))
 
 
 def setup():

@@ -586,3 +586,29 @@ def test_cancel_writes_nothing(monkeypatch, tmp_path):
                             chunk_size=4)
     folder = tmp_path / "models" / "calibrated_samplers"
     assert not folder.exists() or not list(folder.iterdir())
+
+
+def test_first_use_with_afs_fits_a_file_of_its_own_and_fits_an_img2img_run_without_it(comfy, tmp_path):
+    from calibrated_samplers.nodes import pack
+    pack.register_folder()
+    folder = tmp_path / "models" / "calibrated_samplers"
+    patcher = cs.Patcher()
+    x = cs.MIXTURE.noise(2, seed=1, dtype=torch.float32) * float(SIGMAS[0])
+    args = {"seed": 5, "denoise_mask": None, "model_options": {}}
+    (sampler,) = pack.first_use_node("iia_dpmpp_2m", batch_size=12, fine_steps=3, afs=True)
+    out = sampler.sampler_function(denoiser(patcher, 3.0), x, SIGMAS, extra_args=dict(args), **sampler.extra_options)
+    (written,) = list(folder.iterdir())
+    cal = load(written)
+    assert written.name.endswith("_afs.safetensors") and cal.options == {"afs": True}
+    model = denoiser(patcher, 3.0)
+    again = sampler.sampler_function(model, x, SIGMAS, extra_args=dict(args), **sampler.extra_options)
+    assert model.calls == len(SIGMAS) - 2 and torch.equal(again, out)  # the file is used: its first step is free
+    # a run from an image (img2img: the latent is not empty) is fitted without afs, under the plain name, with a note
+    sig = SIGMAS[2:]
+    model = denoiser(patcher, 3.0)
+    model.latent_image = torch.full((1, 4, 4, 4), 0.5)
+    sampler.sampler_function(model, x[:, :] * float(sig[0]) / float(SIGMAS[0]), sig, extra_args=dict(args),
+                             **sampler.extra_options)
+    plain = [p for p in folder.iterdir() if p != written]
+    assert len(plain) == 1 and not plain[0].name.endswith("_afs.safetensors") and load(plain[0]).options == {}
+    assert "without afs" in comfy.sent[-2][1]["message"]

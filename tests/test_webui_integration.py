@@ -167,8 +167,16 @@ def test_calibrate_on_first_use_option(forge, calibrated):
         assert f"Calibration: {made} (" in info["infotexts"][0]
         info, _ = forge.txt2img(LABELS["iia_ddim"], steps=3, cfg=5.5, seed=7)
         assert f"Calibration: {made} (" in info["infotexts"][0] and set(os.listdir(forge.folder)) - before == {made}
+        # with the afs option a new setting gets a file of its own, written with the option
+        status, body = forge.post("/sdapi/v1/options", {"calibrated_samplers_first_use_afs": True})
+        assert status == 200, body
+        info, _ = forge.txt2img(LABELS["iia_ddim"], steps=4, cfg=5.5)
+        (afs_made,) = set(os.listdir(forge.folder)) - before - {made}
+        assert afs_made.endswith("_afs.safetensors") and load(os.path.join(forge.folder, afs_made)).options == {"afs": True}
+        assert f"Calibration: {afs_made} (" in info["infotexts"][0]
     finally:
-        forge.post("/sdapi/v1/options", {"calibrated_samplers_first_use": False})
+        forge.post("/sdapi/v1/options", {"calibrated_samplers_first_use": False,
+                                         "calibrated_samplers_first_use_afs": False})
 
 
 def test_interrupt_writes_nothing(forge, calibrated):

@@ -288,6 +288,21 @@ def test_first_use_setting_calibrates_a_txt2img_run_once_and_says_so_under_the_i
     assert "UNCALIBRATED" in hires.comments[0] and list(tmp_path.iterdir()) == [written]
 
 
+def test_first_use_setting_with_afs_writes_its_own_file_whose_first_step_is_free(script, tmp_path):
+    env = Env(forge_model(0))
+    env.first_use_settings = {"batch_size": 12, "fine_steps": 3, "afs": True}
+    env.folder_path = str(tmp_path)
+    fn = script.make_sampler("iia_dpmpp_2m", script.library_for(str(tmp_path)), env)
+    x = cs.MIXTURE.noise(2, seed=5, dtype=torch.float32) * float(SIGMAS[0])
+    out = fn(CFGModel(2), x, SIGMAS, extra_args=extra(2))
+    (written,) = list(tmp_path.iterdir())
+    cal = load(written)
+    assert written.name.endswith("_afs.safetensors") and cal.options == {"afs": True}
+    again = CFGModel(2)
+    assert torch.equal(fn(again, x, SIGMAS, extra_args=extra(2)), out)
+    assert again.calls == len(SIGMAS) - 2 and list(tmp_path.iterdir()) == [written]
+
+
 def test_registration_into_forge_and_a1111_lists_once(script, monkeypatch):
     SamplerData = collections.namedtuple("SamplerData", "name constructor aliases options")
     for forge in (True, False):
