@@ -175,6 +175,13 @@ def test_first_use_node_calibrates_a_new_setting_once(server, eps_run):
     wf["13"]["inputs"]["noise_seed"] = 2  # a new seed, so ComfyUI does not serve the cached result
     second = server.run(wf)
     assert f"iia_dpmpp_2m: using {made}" in second["log"] and set(os.listdir(server.folder)) - before == {made}
+    wf["30"]["inputs"]["afs"] = True  # a new setting with afs: a file of its own, written with the option
+    wf["31"]["inputs"]["steps"] = 6
+    third = server.run(wf)
+    assert third["status"]["status_str"] == "success", error_of(third)
+    (made_afs,) = set(os.listdir(server.folder)) - before - {made}
+    assert made_afs.endswith("_afs.safetensors")
+    assert load(os.path.join(server.folder, made_afs)).options == {"afs": True}
 
 
 def test_flow_model_calibrates_and_samples(server, flow_run):
