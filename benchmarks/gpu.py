@@ -16,7 +16,6 @@ the gradient chunk by chunk, so its peak should not grow with the batch; the tab
 """
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -31,14 +30,8 @@ sys.path.insert(0, HERE)
 
 from calibrated_samplers.calibration import calibrate  # noqa: E402
 from calibrated_samplers.calibration.testbed.analytic import DiscreteSchedule, karras  # noqa: E402
+from calibrated_samplers.calibration.testbed.tiny import timestep_embedding  # noqa: E402
 from calibrated_samplers.samplers import SAMPLERS  # noqa: E402
-
-
-def embedding(t, dim):
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], 1)
 
 
 class Block(nn.Module):
@@ -80,7 +73,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(32, c1), nn.SiLU(), nn.Conv2d(c1, latent_channels, 3, padding=1))
 
     def forward(self, x, t, labels):
-        e = self.t(embedding(t, self.emb_dim).to(x.dtype)) + self.label(labels)
+        e = self.t(timestep_embedding(t, self.emb_dim).to(x.dtype)) + self.label(labels)
         h1 = self.d1(self.inp(x), e)
         h2 = self.d2(self.p1(h1), e)
         h = self.m2(self.m1(self.p2(h2), e), e)

@@ -24,7 +24,7 @@ from ..samplers._core import HISTORY_KEPT, Denoiser, check_calibration, prepare,
 from .engine import CalibrationCancelled, _chunks, _sub_solve, _take, calibrate
 from .file import Calibration, CalibrationSet
 from .library import CFG_TOLERANCE
-from .requests import AFS_NEEDS_FULL_DENOISE, RequestError, check_request
+from .requests import check_afs, check_request
 
 
 def denoise_schedule(schedule, steps, denoise=1.0):
@@ -232,8 +232,7 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
         raise ValueError(f"steps must be whole numbers of at least 1, got {steps}")
     if not denoises or not all(0 < d <= 1 for d in denoises):
         raise ValueError(f"denoise values must be in (0, 1], got {denoises}")
-    if settings.get("afs") and min(denoises) < 1:
-        raise RequestError(AFS_NEEDS_FULL_DENOISE)
+    check_afs(denoises, settings.get("afs"))
     if SAMPLERS.get(sampler) is None or SAMPLERS[sampler].kind == "plain":
         raise ValueError(f"{sampler!r} is not a calibrated sampler")
     fam = Family.of(family, shift)

@@ -103,11 +103,17 @@ AFS_NEEDS_FULL_DENOISE = ("afs (the analytic first step) assumes the run starts 
                           "values below 1 out, or calibrate them in a file without afs")
 
 
-def check_entries(steps, cfgs, denoises, afs=False):
-    """The number of calibrations a range request makes, or RequestError: too many for one file, or ``afs`` with
-    a denoise below 1 (its first step answers the model's call for pure noise, which an img2img start is not)."""
+def check_afs(denoises, afs):
+    """RequestError for ``afs`` with a denoise below 1: its first step answers the model's call for pure noise,
+    which an img2img start is not (None counts as a full denoise)."""
     if afs and min((1.0 if d is None else float(d)) for d in denoises) < 1:
         raise RequestError(AFS_NEEDS_FULL_DENOISE)
+
+
+def check_entries(steps, cfgs, denoises, afs=False):
+    """The number of calibrations a range request makes, or RequestError: too many for one file, or ``afs`` with
+    a denoise below 1 (check_afs)."""
+    check_afs(denoises, afs)
     n = len(steps) * len(cfgs) * len(denoises)
     if n > MAX_ENTRIES:
         raise RequestError(f"{len(steps)} step counts x {len(cfgs)} cfg values x {len(denoises)} denoise values make "

@@ -192,8 +192,8 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
         afs = False
         notify(f"[Calibrated Samplers] {method}: this run does not start from pure noise (img2img, hires fix or "
                "denoise below 1); its first-use calibration is fitted without afs",
-               f"{method}: afs assumes a run from pure noise; this one starts from an image, so it was calibrated "
-               "without afs.")
+               f"{method}: afs assumes a run from pure noise; this one is img2img, hires fix or a denoise below 1, "
+               "so it was calibrated without afs.")
     if end_to_end:
         normal_weights(patcher.model)
     path = first_use_path(folder, method, sigmas, cfg, fp["id"], afs)

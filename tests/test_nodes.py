@@ -607,7 +607,7 @@ def test_first_use_with_afs_fits_a_file_of_its_own_and_fits_an_img2img_run_witho
     sig = SIGMAS[2:]
     model = denoiser(patcher, 3.0)
     model.latent_image = torch.full((1, 4, 4, 4), 0.5)
-    sampler.sampler_function(model, x[:, :] * float(sig[0]) / float(SIGMAS[0]), sig, extra_args=dict(args),
+    sampler.sampler_function(model, x * float(sig[0]) / float(SIGMAS[0]), sig, extra_args=dict(args),
                              **sampler.extra_options)
     plain = [p for p in folder.iterdir() if p != written]
     assert len(plain) == 1 and not plain[0].name.endswith("_afs.safetensors") and load(plain[0]).options == {}
