@@ -206,3 +206,8 @@ def test_requests_parse_lists_and_ranges_and_name_what_is_wrong():
     assert check_entries([4, 6], [5.0], [1.0], afs=True) == 2
     with pytest.raises(RequestError, match="pure noise"):
         check_entries([4, 6], [5.0], [1.0, 0.5], afs=True)
+    def untouched(*args, **kwargs):
+        raise AssertionError("the model was called before the request was refused")
+    with pytest.raises(RequestError, match="pure noise"):  # the library entry refuses it too, before any work
+        calibrate_range(untouched, untouched, "iia_dpmpp_2m", torch.zeros(8, 2), steps=[4], denoises=[1.0, 0.5],
+                        afs=True)
