@@ -91,11 +91,19 @@ class EpsDenoiser(nn.Module):
         super().__init__()
         self.net, self.schedule = net, DiscreteSchedule()
         self.sigma_min, self.sigma_max = self.schedule.sigma_min, self.schedule.sigma_max
+        self.on_device = {}  # device -> the schedule's tables there: sigma_to_t then needs no host round trip
+
+    def schedule_on(self, device):
+        if device not in self.on_device:
+            s = DiscreteSchedule()
+            s.sigmas, s.log_sigmas = s.sigmas.to(device), s.log_sigmas.to(device)
+            self.on_device[device] = s
+        return self.on_device[device]
 
     def forward(self, x, sigma, cond=0, cfg=1.0, **unused):
         dtype = next(self.net.parameters()).dtype
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        t = self.schedule.sigma_to_t(sigma.double().cpu()).float().to(x.device)
+        t = self.schedule_on(x.device).sigma_to_t(sigma).float()
         labels = torch.full((x.shape[0],), int(cond), device=x.device)
         c_in = (1 / (sigma ** 2 + 1).sqrt())[:, None, None, None]
         xin = (x.float() * c_in).to(dtype)
