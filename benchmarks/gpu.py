@@ -155,7 +155,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--max-minutes", type=float, default=2.0, help="cap on each end-to-end stage (0: none)")
-    ap.add_argument("--out", default=None, help="write <out>.md and <out>.json (default on CUDA: benchmarks/GPU)")
+    ap.add_argument("--out", default=None, help="write <out>.md and <out, lower case>.json (default on CUDA: benchmarks/GPU)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -210,7 +210,8 @@ def main(argv=None):
     if out is None:
         print(json.dumps(report, indent=1))
         return report
-    with open(out + ".json", "w") as f:
+    # the table in capitals, its data in lower case, as the other reports here
+    with open(os.path.join(os.path.dirname(out), os.path.basename(out).lower() + ".json"), "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"# Calibration time and memory on {name}", "",
              f"`{report['command']}` (torch {torch.__version__}). Random-weight conv UNet with SDXL's widths "

@@ -3,9 +3,11 @@
 A file matches a run when its method, schedule (sigmas, within the samplers' tolerance), model family, model
 fingerprint and cfg all agree; a range file (CalibrationSet) matches when it holds an entry for the schedule and
 a cfg range that contains the run's (ranges.select). Among several matches a file fitted at exactly the run's cfg
-wins over an interpolated one, then the newest. ``find`` also returns why each
-near miss was passed over, so a UI can tell the user what to calibrate instead of silently running the base.
+wins over an interpolated one, then one fitted at the run's image size (``size_distance``), then the newest.
+``find`` also returns why each near miss was passed over, so a UI can tell the user what to calibrate instead of
+silently running the base.
 """
+import math
 import os
 
 import torch
@@ -16,6 +18,10 @@ from .file import CalibrationFileError, CalibrationSet, load
 from .identity import describe_difference, same_model, tensor_digest
 
 CFG_TOLERANCE = 1e-3
+# a file fitted within this ratio of the run's pixel count counts as fitted at its size. Measured
+# (benchmarks/RESOLUTION.md): files fitted at 1.8-2x different sizes did within 1.08x of the run's own size's file,
+# a file fitted at the trained size used at 2-4x its pixels made 1.34-1.40x the error
+SIZE_TOLERANCE = 1.5
 
 
 class ModelMismatch(ValueError):
@@ -90,6 +96,35 @@ def short_no_match(label, sigmas, cfg, notes, fix):
     return text
 
 
+def _pixels(shape):
+    """Latent positions of a (channels, *spatial) shape, or None when unknown."""
+    if not shape or len(shape) < 2:
+        return None
+    return math.prod(int(d) for d in shape[1:])
+
+
+def size_distance(cal, shape):
+    """How far the image size ``cal`` was fitted at (its ``latent_shape``) is from a run's latent ``shape``
+    (channels, *spatial): |log| of the pixel-count ratio, 0 within SIZE_TOLERANCE; when either is unknown, the
+    tolerance's edge (after any file known to fit the size, before any known not to)."""
+    fitted, run = _pixels(cal.info.get("latent_shape")), _pixels(shape)
+    if not fitted or not run:
+        return math.log(SIZE_TOLERANCE)
+    d = abs(math.log(fitted / run))
+    return 0.0 if d <= math.log(SIZE_TOLERANCE) else d
+
+
+def size_note(cal, shape, name):
+    """A line for the console when file ``name`` was fitted at another image size than the run's, else None."""
+    if size_distance(cal, shape) <= math.log(SIZE_TOLERANCE):
+        return None
+    size = "x".join(str(int(d)) for d in cal.info["latent_shape"][1:])
+    run = "x".join(str(int(d)) for d in shape[1:])
+    return (f"[Calibrated Samplers] {name} was fitted on {size} latents and this run's are {run}: it still applies, "
+            "but a file fitted at this size may do better (measured: up to 1.4x lower error); calibrate at this "
+            "size to get one, and the library then prefers it")
+
+
 class Library:
     """Calibration files listed by ``list_paths()``, loaded once per (path, size, mtime)."""
 
@@ -120,11 +155,13 @@ class Library:
             out.append((path, st.st_mtime_ns, self._cache[key]))
         return out
 
-    def find(self, method, sigmas, family, fingerprint, cfg=None):
-        """(Calibration, path, notes) for the newest matching file, or (None, None, notes) when none matches.
+    def find(self, method, sigmas, family, fingerprint, cfg=None, shape=None):
+        """(Calibration, path, notes) for the best matching file (module docstring), or (None, None, notes) when
+        none matches.
 
         ``family``: a Family or name; ``fingerprint``: the model's fingerprint dict; ``cfg``: the run's cfg, or
-        None to accept any. ``notes``: one line per file of this method that did not match, saying why.
+        None to accept any; ``shape``: the run's latent shape without the batch (channels, *spatial), or None.
+        ``notes``: one line per file of this method that did not match, saying why.
         """
         fam = Family.of(family)
         sig = [float(s) for s in sigmas]
@@ -149,7 +186,7 @@ class Library:
                 if chosen is None:
                     notes.append((rank or (1 if why.startswith("holds") else 0), f"{name}: {why}"))
                     continue
-                matches.append(("interpolated" not in chosen.info, mtime, path, chosen))
+                matches.append(("interpolated" not in chosen.info, -size_distance(chosen, shape), mtime, path, chosen))
                 continue
             try:
                 check_calibration(cal, method, sig, fam)
@@ -160,11 +197,11 @@ class Library:
             if why:
                 notes.append((rank, f"{name}: {why}"))
                 continue
-            matches.append((True, mtime, path, cal))
+            matches.append((True, -size_distance(cal, shape), mtime, path, cal))
         notes = [text for _, text in sorted(notes, key=lambda n: n[0])]
         if not matches:
             return None, None, notes
-        *_, path, cal = max(matches, key=lambda m: m[:3])
+        *_, path, cal = max(matches, key=lambda m: m[:4])
         return cal, path, notes
 
     def unreported_damage(self):

@@ -14,7 +14,8 @@ from ..calibration.ranges import calibrate_range
 from ..calibration.end_to_end import normal_weights
 from ..calibration.identity import fingerprint, named_weights, tensor_digest
 from ..calibration.file import CalibrationSet
-from ..calibration.library import cfg_mismatch, check_model, first_use_path, no_match_message, short_no_match
+from ..calibration.library import (cfg_mismatch, check_model, first_use_path, no_match_message, short_no_match,
+                                   size_note)
 from ..samplers import SAMPLERS, CalibrationMismatch, Family
 
 log = logging.getLogger("calibrated_samplers")
@@ -100,10 +101,11 @@ def notify(message, short):
                      getattr(server, "client_id", None))
 
 
-def find_or_warn(name, library, sigmas, family, fingerprint, cfg, fix, fit=None):
-    """The saved calibration for a run, else ``fit()``'s (calibration, path) when given; with neither, the run is
-    uncalibrated and the console and the browser say so (``fix``: what to do, in the browser's words)."""
-    calibration, path, notes = library.find(name, sigmas, family, fingerprint, cfg)
+def find_or_warn(name, library, sigmas, family, fingerprint, cfg, fix, fit=None, shape=None):
+    """The saved calibration for a run (latent ``shape`` without the batch), else ``fit()``'s (calibration, path)
+    when given; with neither, the run is uncalibrated and the console and the browser say so (``fix``: what to do,
+    in the browser's words)."""
+    calibration, path, notes = library.find(name, sigmas, family, fingerprint, cfg, shape)
     damaged = library.unreported_damage()  # named in the warning below, or once on their own
     if calibration is None and fit is not None:
         calibration, path = fit()
@@ -113,7 +115,8 @@ def find_or_warn(name, library, sigmas, family, fingerprint, cfg, fix, fit=None)
                short_no_match(name, sigmas, cfg, notes, fix))
     else:
         log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
-        for warning in damaged:
+        other_size = size_note(calibration, shape, os.path.basename(path))
+        for warning in damaged + ([other_size] if other_size else []):
             log.warning(warning)
     return calibration
 
@@ -139,7 +142,7 @@ def dropdown_sampler(name, library):
         calibration = None
         if fn.kind != "plain":
             calibration = find_or_warn(name, library, sigmas, family, model_fingerprint(patcher), cfg,
-                                       "Run the 'Fit calibration' node")
+                                       "Run the 'Fit calibration' node", shape=tuple(x.shape[1:]))
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                   calibration=calibration, family=family.name, shift=family.shift, **options)
 
@@ -163,7 +166,7 @@ def sample_or_calibrate(model, x, sigmas, extra_args=None, callback=None, disabl
                                      batch_size, fine_steps, end_to_end, max_minutes, afs)
     calibration = find_or_warn(method, library, sigmas, family, fp, cfg,
                                "Turn on calibrate_if_missing, or run 'Fit calibration'",
-                               fit if calibrate_missing else None)
+                               fit if calibrate_missing else None, tuple(x.shape[1:]))
     return SAMPLERS[method](model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, calibration=calibration,
               family=family.name, shift=family.shift, **options)
 

@@ -106,7 +106,7 @@ def pending_job(method):
 def make_sampler(name, library, env):
     """The k-diffusion-style function the web UI calls for ``name``. ``env`` gives the web UI's state
     (``sd_model()``, ``sgm_noise_multiplier()``, ``conds(p, prompt, batch)``) so tests can stand in for it."""
-    from calibrated_samplers.calibration.library import no_match_message, short_no_match
+    from calibrated_samplers.calibration.library import no_match_message, short_no_match, size_note
     from calibrated_samplers.samplers import SAMPLERS
     fn = SAMPLERS[name]
 
@@ -123,10 +123,12 @@ def make_sampler(name, library, env):
             cfg = extra_args.get("cond_scale")
             if getattr(p, "is_hr_pass", False) and getattr(p, "hr_cfg", None) is not None:
                 cfg = float(p.hr_cfg)  # Forge's hires pass guides at its own "Hires CFG Scale", not cond_scale
-            calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg)
+            calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg,
+                                                    tuple(x.shape[1:]))
             damaged = library.unreported_damage()
             if calibration is not None:
-                for warning in damaged:
+                other_size = size_note(calibration, tuple(x.shape[1:]), os.path.basename(path))
+                for warning in damaged + ([other_size] if other_size else []):
                     log.warning(warning)
             first_use = env.first_use() if calibration is None else None
             if first_use and p is not None and not getattr(p, "is_hr_pass", False) and not getattr(

@@ -24,7 +24,7 @@ def test_small_bf16_run_writes_a_report_per_batch(tmp_path):
         sys.path.remove(BENCH)
     assert [r["batch"] for r in report["rows"]] == [6, 8]
     assert all(r["evaluations_per_sample"] > 0 and r["calibration_seconds"] > 0 for r in report["rows"])
-    assert json.load(open(out + ".json"))["dtype"] == "bfloat16"
+    assert json.load(open(os.path.join(os.path.dirname(out), "gpu.json")))["dtype"] == "bfloat16"
     table = open(out + ".md").read()
     assert "| 6 |" in table and "| 8 |" in table
     # the network runs in bfloat16, the sampler's state stays float32

@@ -142,6 +142,44 @@ def test_library_picks_the_newest_match_and_says_why_others_missed(tmp_path):
     assert order == ["c_cfg.safetensors", "e_steps.safetensors", "g_broken.safetensors", "d_other.safetensors"]
 
 
+def test_library_prefers_a_file_fitted_at_the_run_size_and_says_when_it_uses_another(tmp_path, caplog):
+    p = cs.Patcher()
+    fp = runtime.model_fingerprint(p)
+    fitted(patcher=p, latent_shape=[4, 4, 4]).save(tmp_path / "a_small.safetensors")
+    fitted(patcher=p, latent_shape=[4, 8, 8]).save(tmp_path / "b_large.safetensors")
+    os.utime(tmp_path / "b_large.safetensors", ns=(1, 1))  # the larger is the older
+    lib = Library(lambda: sorted(str(f) for f in tmp_path.iterdir()))
+
+    def picked(shape):
+        return os.path.basename(lib.find("iia_dpmpp_2m", SIGMAS, "ve", fp, 3.0, shape)[1])
+    assert picked((4, 8, 8)) == "b_large.safetensors"  # the run's size beats the newer file
+    assert picked((4, 7, 7)) == "b_large.safetensors"  # 49 vs 64 positions: within SIZE_TOLERANCE of the large
+    assert picked((4, 4, 4)) == "a_small.safetensors"
+    # beyond SIZE_TOLERANCE of both, the nearer wins: 36 positions are 2.25x 16 and 1/1.78 of 64; 25: 1.56x and 1/2.56
+    assert picked((4, 6, 6)) == "b_large.safetensors" and picked((4, 5, 5)) == "a_small.safetensors"
+    assert picked(None) == "a_small.safetensors"  # no size known: the newest, as before
+    # a file of unknown size (no latent_shape) comes after one known to fit the run's size, before one known not to
+    fitted(patcher=p).save(tmp_path / "c_unknown.safetensors")
+    os.utime(tmp_path / "c_unknown.safetensors", ns=(2, 2))
+    assert picked((4, 8, 8)) == "b_large.safetensors" and picked((4, 16, 16)) == "c_unknown.safetensors"
+
+    # sampling with a file fitted at another size uses it and says so in the console
+    (tmp_path / "c_unknown.safetensors").unlink()
+    (tmp_path / "a_small.safetensors").unlink()
+    x = cs.MIXTURE.noise(2, seed=9, dtype=torch.float32) * float(SIGMAS[0])  # 4 x 4 x 4: a quarter of 8 x 8
+    with caplog.at_level(logging.WARNING, logger="calibrated_samplers"):
+        out = runtime.dropdown_sampler("iia_dpmpp_2m", lib)(denoiser(p), x, SIGMAS)
+    assert "b_large.safetensors was fitted on 8x8 latents and this run's are 4x4" in caplog.text
+    expected = SAMPLERS["iia_dpmpp_2m"](denoiser(p), x, SIGMAS, calibration=load(tmp_path / "b_large.safetensors"))
+    assert torch.equal(out, expected)
+    caplog.clear()
+    fitted(patcher=p, latent_shape=[4, 4, 4]).save(tmp_path / "d_own.safetensors")
+    os.utime(tmp_path / "d_own.safetensors", ns=(0, 0))  # the oldest, but fitted at the run's size
+    with caplog.at_level(logging.INFO, logger="calibrated_samplers"):
+        runtime.dropdown_sampler("iia_dpmpp_2m", lib)(denoiser(p), x, SIGMAS)
+    assert "using d_own.safetensors" in caplog.text and "was fitted on" not in caplog.text
+
+
 def test_a_file_that_fits_all_but_the_cfg_is_named_before_one_for_another_schedule(tmp_path):
     """The toast shows the first note: the file that only needs another cfg is the closest, whatever its name."""
     p = cs.Patcher()

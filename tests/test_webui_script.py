@@ -4,6 +4,7 @@ web UI's batch-shaped conditioning, and registration into both web UIs' sampler 
 UI's ``modules``; tests/test_webui_integration.py runs a real Forge)."""
 import collections
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -155,6 +156,23 @@ def test_sampler_uses_the_matching_file_and_says_so_in_the_infotext(script, tmp_
     (shown,) = other_cfg.comments  # the visible warning under the image
     assert shown.startswith("IIA DPM++ 2M (calibrated) ran UNCALIBRATED") and "was made for cfg 3" in shown
     assert model.comments == []
+
+
+def test_a_file_fitted_at_another_image_size_is_used_and_named_in_the_console(script, tmp_path, caplog):
+    sd = forge_model(0)
+    cal = fitted_for(script, sd)
+    cal.info["latent_shape"] = [4, 8, 8]  # fitted on 8 x 8 latents; the run's are 4 x 4
+    cal.save(tmp_path / "large.safetensors")
+    fn = script.make_sampler("iia_dpmpp_2m", script.library_for(str(tmp_path)), Env(sd))
+    x = cs.MIXTURE.noise(2, seed=5, dtype=torch.float32) * float(SIGMAS[0])
+    model = CFGModel(2)
+    with caplog.at_level(logging.WARNING, logger="calibrated_samplers"):
+        out = fn(model, x, SIGMAS, extra_args=extra(2))
+    want = SAMPLERS["iia_dpmpp_2m"](CFGModel(2), x, SIGMAS, extra_args=extra(2),
+                                    calibration=load(tmp_path / "large.safetensors"))
+    assert torch.equal(out, want)
+    assert "large.safetensors was fitted on 8x8 latents and this run's are 4x4" in caplog.text
+    assert model.p.extra_generation_params["Calibration"].startswith("large.safetensors (")
 
 
 def test_hires_fix_states_both_passes_in_the_infotext(script, tmp_path):
