@@ -61,12 +61,14 @@ def cfg_mismatch(cal, cfg):
 SHOWN_NOTES = 8
 
 
-def first_use_path(folder, method, sigmas, cfg, fingerprint_id, afs=False):
+def first_use_path(folder, method, sigmas, cfg, fingerprint_id, afs=False, shape=None):
     """Where a first-use calibration of this run's setting is saved (the same name in both UIs; with the analytic
-    first step a name of its own, so neither kind of file overwrites the other)."""
+    first step, or for another latent ``shape`` (channels, *spatial), a name of its own, so no file overwrites
+    another kind)."""
     digest = tensor_digest(torch.as_tensor([float(s) for s in sigmas], dtype=torch.float64))[:8]
+    size = "" if not shape or len(shape) < 2 else "_" + "x".join(str(int(d)) for d in shape[1:])
     return os.path.join(folder, f"auto_{method}_{len(sigmas) - 1}steps_cfg{cfg if cfg is not None else 0:g}_"
-                                f"{fingerprint_id[-8:]}_{digest}{'_afs' if afs else ''}.safetensors")
+                                f"{fingerprint_id[-8:]}_{digest}{size}{'_afs' if afs else ''}.safetensors")
 
 
 def no_match_message(label, uncalibrated, sigmas, cfg, notes, how):
@@ -114,9 +116,14 @@ def size_distance(cal, shape):
     return 0.0 if d <= math.log(SIZE_TOLERANCE) else d
 
 
+def other_size(cal, shape):
+    """True when ``cal`` is known to be fitted at another image size than a run's latent ``shape``."""
+    return size_distance(cal, shape) > math.log(SIZE_TOLERANCE)
+
+
 def size_note(cal, shape, name):
     """A line for the console when file ``name`` was fitted at another image size than the run's, else None."""
-    if size_distance(cal, shape) <= math.log(SIZE_TOLERANCE):
+    if not other_size(cal, shape):
         return None
     size = "x".join(str(int(d)) for d in cal.info["latent_shape"][1:])
     run = "x".join(str(int(d)) for d in shape[1:])

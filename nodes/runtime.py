@@ -14,8 +14,8 @@ from ..calibration.ranges import calibrate_range
 from ..calibration.end_to_end import normal_weights
 from ..calibration.identity import fingerprint, named_weights, tensor_digest
 from ..calibration.file import CalibrationSet
-from ..calibration.library import (cfg_mismatch, check_model, first_use_path, no_match_message, short_no_match,
-                                   size_note)
+from ..calibration.library import (cfg_mismatch, check_model, first_use_path, no_match_message, other_size,
+                                   short_no_match, size_note)
 from ..samplers import SAMPLERS, CalibrationMismatch, Family
 
 log = logging.getLogger("calibrated_samplers")
@@ -107,6 +107,11 @@ def find_or_warn(name, library, sigmas, family, fingerprint, cfg, fix, fit=None,
     in the browser's words)."""
     calibration, path, notes = library.find(name, sigmas, family, fingerprint, cfg, shape)
     damaged = library.unreported_damage()  # named in the warning below, or once on their own
+    if calibration is not None and fit is not None and other_size(calibration, shape):
+        # first use fits the run's own size: a file fitted at another did measurably worse (library.SIZE_TOLERANCE)
+        log.info("[Calibrated Samplers] %s: %s was fitted at another image size; calibrating this one", name,
+                 os.path.basename(path))
+        calibration = None
     if calibration is None and fit is not None:
         calibration, path = fit()
     if calibration is None:
@@ -115,8 +120,8 @@ def find_or_warn(name, library, sigmas, family, fingerprint, cfg, fix, fit=None,
                short_no_match(name, sigmas, cfg, notes, fix))
     else:
         log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
-        other_size = size_note(calibration, shape, os.path.basename(path))
-        for warning in damaged + ([other_size] if other_size else []):
+        size_warning = size_note(calibration, shape, os.path.basename(path))
+        for warning in damaged + ([size_warning] if size_warning else []):
             log.warning(warning)
     return calibration
 
@@ -199,7 +204,7 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
                "so it was calibrated without afs.")
     if end_to_end:
         normal_weights(patcher.model)
-    path = first_use_path(folder, method, sigmas, cfg, fp["id"], afs)
+    path = first_use_path(folder, method, sigmas, cfg, fp["id"], afs, tuple(x.shape[1:]))
     log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s)",
              method, batch_size, os.path.basename(path))
     try:

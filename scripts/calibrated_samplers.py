@@ -106,7 +106,7 @@ def pending_job(method):
 def make_sampler(name, library, env):
     """The k-diffusion-style function the web UI calls for ``name``. ``env`` gives the web UI's state
     (``sd_model()``, ``sgm_noise_multiplier()``, ``conds(p, prompt, batch)``) so tests can stand in for it."""
-    from calibrated_samplers.calibration.library import no_match_message, short_no_match, size_note
+    from calibrated_samplers.calibration.library import no_match_message, other_size, short_no_match, size_note
     from calibrated_samplers.samplers import SAMPLERS
     fn = SAMPLERS[name]
 
@@ -123,14 +123,11 @@ def make_sampler(name, library, env):
             cfg = extra_args.get("cond_scale")
             if getattr(p, "is_hr_pass", False) and getattr(p, "hr_cfg", None) is not None:
                 cfg = float(p.hr_cfg)  # Forge's hires pass guides at its own "Hires CFG Scale", not cond_scale
-            calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg,
-                                                    tuple(x.shape[1:]))
+            shape = tuple(x.shape[1:])
+            calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg, shape)
             damaged = library.unreported_damage()
-            if calibration is not None:
-                other_size = size_note(calibration, tuple(x.shape[1:]), os.path.basename(path))
-                for warning in damaged + ([other_size] if other_size else []):
-                    log.warning(warning)
-            first_use = env.first_use() if calibration is None else None
+            # first use also fits a run whose only file was fitted at another image size (library.SIZE_TOLERANCE)
+            first_use = env.first_use() if calibration is None or other_size(calibration, shape) else None
             if first_use and p is not None and not getattr(p, "is_hr_pass", False) and not getattr(
                     p, "init_images", None):  # txt2img: x is pure noise, so the run can be calibrated as is
                 calibration, path = fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, cfg,
@@ -148,6 +145,8 @@ def make_sampler(name, library, env):
                                              "Calibrate in the 'Calibrated Samplers' tab"))
             else:
                 note = f"{os.path.basename(path)} ({file_hash(path)})"
+                for warning in damaged + [w for w in [size_note(calibration, shape, os.path.basename(path))] if w]:
+                    log.warning(warning)
             if p is not None:  # hires fix's second pass gets a line of its own, after the first pass's
                 p.extra_generation_params[HIRES_INFOTEXT_KEY if getattr(p, "is_hr_pass", False) else INFOTEXT_KEY] = note
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
@@ -202,7 +201,7 @@ def fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, 
     finally:
         if step is not None:
             model.step = step
-    path = first_use_path(env.folder(), name, sigmas, cfg, fp["id"], afs)
+    path = first_use_path(env.folder(), name, sigmas, cfg, fp["id"], afs, tuple(x.shape[1:]))
     try:
         cal.save(path, replace=False)
     except FileExistsError:

@@ -584,6 +584,24 @@ def test_first_use_node_calibrates_a_missing_setting_once_then_uses_the_file(com
     assert "UNCALIBRATED" in comfy.sent[-1][1]["message"] and len(list(folder.iterdir())) == 1
 
 
+def test_first_use_node_fits_the_run_size_when_the_matching_file_was_fitted_at_another(comfy, tmp_path):
+    from calibrated_samplers.nodes import pack
+    pack.register_folder()
+    folder = tmp_path / "models" / "calibrated_samplers"
+    folder.mkdir(parents=True, exist_ok=True)
+    patcher = cs.Patcher()
+    fitted(patcher=patcher, latent_shape=[4, 8, 8]).save(folder / "large.safetensors")  # 4x the run's positions
+    (sampler,) = pack.first_use_node("iia_dpmpp_2m", batch_size=12, fine_steps=3)
+    x = cs.MIXTURE.noise(2, seed=1, dtype=torch.float32) * float(SIGMAS[0])
+    args = {"seed": 5, "denoise_mask": None, "model_options": {}}
+    sampler.sampler_function(denoiser(patcher, 3.0), x, SIGMAS, extra_args=dict(args), **sampler.extra_options)
+    (new,) = [f for f in folder.iterdir() if f.name != "large.safetensors"]
+    assert new.name.endswith("_4x4.safetensors") and load(new).info["latent_shape"] == [4, 4, 4]
+    model = denoiser(patcher, 3.0)
+    sampler.sampler_function(model, x, SIGMAS, extra_args=dict(args), **sampler.extra_options)
+    assert model.calls == 6 and len(list(folder.iterdir())) == 2  # the new file serves the next run
+
+
 def test_first_use_calibration_cancelled_writes_nothing(monkeypatch, tmp_path):
     calls = []
     comfy = cs.install(monkeypatch, str(tmp_path), lambda: calls.append(1) or len(calls) > 3)

@@ -306,6 +306,26 @@ def test_first_use_setting_calibrates_a_txt2img_run_once_and_says_so_under_the_i
     assert "UNCALIBRATED" in hires.comments[0] and list(tmp_path.iterdir()) == [written]
 
 
+def test_first_use_setting_fits_the_run_size_when_the_matching_file_was_fitted_at_another(script, tmp_path):
+    sd = forge_model(0)
+    cal = fitted_for(script, sd)
+    cal.info["latent_shape"] = [4, 8, 8]  # 4x the run's positions
+    cal.save(tmp_path / "large.safetensors")
+    env = Env(sd)
+    env.first_use_settings, env.folder_path = {"batch_size": 12, "fine_steps": 3}, str(tmp_path)
+    fn = script.make_sampler("iia_dpmpp_2m", script.library_for(str(tmp_path)), env)
+    x = cs.MIXTURE.noise(2, seed=5, dtype=torch.float32) * float(SIGMAS[0])
+    model = CFGModel(2)
+    fn(model, x, SIGMAS, extra_args=extra(2))
+    (new,) = [f for f in tmp_path.iterdir() if f.name != "large.safetensors"]
+    assert new.name.endswith("_4x4.safetensors") and "calibrated now and saved as" in model.comments[0]
+    assert model.p.extra_generation_params["Calibration"].startswith(new.name)
+    hires = CFGModel(2)  # a hires pass is never fitted on first use: the file of the other size serves it
+    hires.p.is_hr_pass = True
+    fn(hires, x, SIGMAS, extra_args=extra(2))
+    assert len(list(tmp_path.iterdir())) == 2
+
+
 def test_first_use_setting_with_afs_writes_its_own_file_whose_first_step_is_free(script, tmp_path):
     env = Env(forge_model(0))
     env.first_use_settings = {"batch_size": 12, "fine_steps": 3, "afs": True}
