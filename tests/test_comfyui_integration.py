@@ -176,10 +176,12 @@ def test_first_use_node_calibrates_a_new_setting_once(server, eps_run):
     second = server.run(wf)
     assert f"iia_dpmpp_2m: using {made}" in second["log"] and set(os.listdir(server.folder)) - before == {made}
     wf["30"]["inputs"]["afs"] = True  # a new setting with afs: a file of its own, written with the option
-    wf["31"]["inputs"]["steps"] = 6
+    wf["31"]["inputs"]["steps"] = 7  # no file of the module's fits 7 steps (eps_range holds 6 and 8)
     third = server.run(wf)
     assert third["status"]["status_str"] == "success", error_of(third)
-    (made_afs,) = set(os.listdir(server.folder)) - before - {made}
+    new = set(os.listdir(server.folder)) - before - {made}
+    assert len(new) == 1, f"expected one new file, found {sorted(new)}; the run's log ends:\n{third['log'][-4000:]}"
+    (made_afs,) = new
     assert made_afs.endswith("_afs.safetensors")
     assert load(os.path.join(server.folder, made_afs)).options == {"afs": True}
 
