@@ -90,13 +90,13 @@ def main(argv=None):
     if args.fit is not None:
         return fit(args, args.fit)
 
-    started = time.perf_counter()
     common = ["--model", args.model, "--cfg", str(args.cfg), "--evaluations", str(args.evaluations),
               "--n-cal", str(args.n_cal)]
     workers = [subprocess.Popen([sys.executable, __file__, "--fit", str(s)] + common)
                for s in args.sizes if not os.path.exists(file_path(args, s))]  # a file already fitted is reused
     if any(w.wait() for w in workers):
         raise SystemExit("a fit failed (its output is above)")
+    started = time.perf_counter()
     torch.set_num_threads(2)
     bed, sig, conditions, fam = setup(args)
     files = {s: load(file_path(args, s)) for s in args.sizes}
