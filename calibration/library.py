@@ -61,12 +61,17 @@ def cfg_mismatch(cal, cfg):
 SHOWN_NOTES = 8
 
 
+def _size_text(shape):
+    """"128x96" for a (channels, *spatial) latent shape."""
+    return "x".join(str(int(d)) for d in shape[1:])
+
+
 def first_use_path(folder, method, sigmas, cfg, fingerprint_id, afs=False, shape=None):
     """Where a first-use calibration of this run's setting is saved (the same name in both UIs; with the analytic
     first step, or for another latent ``shape`` (channels, *spatial), a name of its own, so no file overwrites
     another kind)."""
     digest = tensor_digest(torch.as_tensor([float(s) for s in sigmas], dtype=torch.float64))[:8]
-    size = "" if not shape or len(shape) < 2 else "_" + "x".join(str(int(d)) for d in shape[1:])
+    size = "" if not shape or len(shape) < 2 else "_" + _size_text(shape)
     return os.path.join(folder, f"auto_{method}_{len(sigmas) - 1}steps_cfg{cfg if cfg is not None else 0:g}_"
                                 f"{fingerprint_id[-8:]}_{digest}{size}{'_afs' if afs else ''}.safetensors")
 
@@ -125,9 +130,8 @@ def size_note(cal, shape, name):
     """A line for the console when file ``name`` was fitted at another image size than the run's, else None."""
     if not other_size(cal, shape):
         return None
-    size = "x".join(str(int(d)) for d in cal.info["latent_shape"][1:])
-    run = "x".join(str(int(d)) for d in shape[1:])
-    return (f"[Calibrated Samplers] {name} was fitted on {size} latents and this run's are {run}: it still applies, "
+    return (f"[Calibrated Samplers] {name} was fitted on {_size_text(cal.info['latent_shape'])} latents and this "
+            f"run's are {_size_text(shape)}: it still applies, "
             "but a file fitted at this size may do better (measured: up to 1.4x lower error); calibrate at this "
             "size to get one, and the library then prefers it")
 
