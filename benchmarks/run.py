@@ -12,7 +12,9 @@ and dpmpp_2m and the pack's ipndm, spndm and gddim, each on every fixed schedule
 and 10 and log-uniform sigmas for the eps models, and Karras rho 7 and 5 ending at a raised last sigma of 0.1, 0.2
 or 0.4 instead of the model's sigma_min; t uniform with shift 1, 2 and 3, t uniform down to a raised last t of 0.3
 or 0.4, and Karras for the flow model).
-digits-eps-narrow is the held-out model: no setting of the calibration was chosen on it.
+digits-eps-narrow is digits-eps at another width and seed. shapes-eps and textures-flow are the held-out testbed of
+other data (benchmarks/PROTOCOL.md): no setting of the calibration was chosen on them; they are only measured, and
+have no Frechet distance or class accuracy (the digit classifier knows digits only).
 """
 import argparse
 import datetime
@@ -48,7 +50,8 @@ PACK_PLAIN = {"ipndm": "iia_ipndm", "spndm": "iia_spndm", "gddim": "gddim"}
 CALIBRATED = ["iia_dpmpp_2m", "iia_dpmpp_2m (afs)"]
 CALIBRATED_AS = {"iia_dpmpp_2m (afs)": ("iia_dpmpp_2m", {"afs": True})}  # label -> (sampler, solver options)
 PEER_SOLVERS = {"dpmpp_2m": "iia_dpmpp_2m", "ipndm": "iia_ipndm"}  # plain solver -> the pack sampler that is it
-SETTINGS = [("digits-eps", 1.0), ("digits-eps", 5.0), ("digits-flow", 1.0), ("digits-eps-narrow", 1.0)]
+SETTINGS = [("digits-eps", 1.0), ("digits-eps", 5.0), ("digits-flow", 1.0), ("digits-eps-narrow", 1.0),
+            ("shapes-eps", 1.0), ("shapes-eps", 5.0), ("textures-flow", 1.0)]
 
 
 # Raised last positive sigmas: at few steps, ending the schedule well above the model's sigma_min (ComfyUI's
@@ -114,6 +117,24 @@ class Digits:
 
     def accuracy(self, x, labels):
         return float((self.clf(x.float().clamp(-1, 1)).argmax(1) == labels).float().mean())
+
+
+class NoFeatures:
+    """The models of other data have no classifier: their Frechet distance and accuracy are NaN."""
+
+    def features(self, x):
+        return None
+
+    def frechet(self, x, against=None):
+        return float("nan")
+
+    def accuracy(self, x, labels):
+        return float("nan")
+
+
+def features_for(model_name):
+    from calibrated_samplers.calibration.testbed import tiny
+    return Digits() if tiny.MODELS.get(model_name, (None,) * 4)[3] == "digits" else NoFeatures()
 
 
 CONFIRM_FACTOR = 3  # the confirmation set is this many times the test set
@@ -564,7 +585,8 @@ def write_markdown(path, results, cal_rows, curves, heads, command, machine, too
 # the evaluation counts each setting is measured at: the full range on the first, the targets' 5 and 6 on the
 # others (the whole benchmark must fit in about two and a half hours on two CPU cores)
 EVALS = {("digits-eps", 1.0): [4, 5, 6, 8, 10], ("digits-eps", 5.0): [5, 6], ("digits-flow", 1.0): [5, 6],
-         ("digits-eps-narrow", 1.0): [5, 6]}
+         ("digits-eps-narrow", 1.0): [5, 6], ("shapes-eps", 1.0): [5, 6], ("shapes-eps", 5.0): [5, 6],
+         ("textures-flow", 1.0): [5, 6]}
 COST = {4: 0.7, 5: 1.0, 6: 1.3, 8: 2.0, 10: 2.8}  # rough relative cost of one cell, to start the longest jobs first
 
 
@@ -650,7 +672,7 @@ def run_one(job):
     result = {"kind": kind, "setting": st.name, "evaluations": n}
     if kind == "cells":
         result["rows"], result["kinds"], result["cal_rows"], result["reference"], result["headline"] = run_setting(
-            st, [n], Digits(), log, calibrated)
+            st, [n], features_for(model_name), log, calibrated)
     elif kind == "grid":
         result["grid_names"] = image_grid(st, os.path.join(out, "grid.png"))
     else:

@@ -7,7 +7,8 @@ Pure torch, like the rest of calibration/.
 """
 import torch
 
-NAMES = ("digits-eps", "digits-flow", "digits-eps-narrow", "analytic-edm", "analytic-eps", "analytic-flow")
+NAMES = ("digits-eps", "digits-flow", "digits-eps-narrow", "shapes-eps", "textures-flow", "analytic-edm", "analytic-eps",
+         "analytic-flow")
 
 
 class Testbed:
@@ -41,14 +42,14 @@ class Testbed:
 
 def testbed(name):
     """The bundled model ``name`` (one of ``NAMES``) as a Testbed; ValueError names the choices."""
-    if name in ("digits-eps", "digits-flow", "digits-eps-narrow"):
-        from . import tiny
+    from . import tiny
+    if name in tiny.MODELS:
         model = tiny.load(name)
         fingerprint = f"sha256:{tiny.file_sha256(tiny.weight_path(name))}"
         if model.family == "eps":
-            return Testbed(name, model, "eps", 1.0, model.sigma_min, model.sigma_max, tiny.IMAGE_SHAPE, 10,
+            return Testbed(name, model, "eps", 1.0, model.sigma_min, model.sigma_max, tiny.image_shape(name), 10,
                            fingerprint)
-        return Testbed(name, model, "flow", 1.0, 1e-3, 1.0, tiny.IMAGE_SHAPE, 10, fingerprint)
+        return Testbed(name, model, "flow", 1.0, 1e-3, 1.0, tiny.image_shape(name), 10, fingerprint)
     if name in ("analytic-edm", "analytic-eps", "analytic-flow"):
         from .analytic import DiscreteSchedule, GaussianMixture
         mix = GaussianMixture()

@@ -1,4 +1,4 @@
-"""Tiny learned models on scikit-learn's digits (16x16): the project's real networks with real errors.
+"""Tiny learned models (16x16): the project's real networks with real errors, on digits and on other data.
 
 ``load("digits-eps")`` is a class-conditional UNet trained for eps-prediction on SD1.x's discrete schedule
 (1000 steps, scaled-linear betas 0.00085-0.012), wrapped like k-diffusion's ``DiscreteEpsDDPMDenoiser``:
@@ -6,6 +6,9 @@
 guidance through the null class 10 (cond and uncond in one batched call, as ComfyUI does). ``load("digits-flow")``
 is the same network trained as a rectified flow (x = (1 - t) x0 + t n, velocity prediction, like SD3/Flux).
 ``load("digits-eps-narrow")`` is digits-eps retrained at another width and seed: a model no setting was tuned on.
+``load("shapes-eps")`` (eps, SD1.x's schedule) and ``load("textures-flow")`` (rectified flow) are the same network
+on 3x16x16 RGB images of other data (procedural.py): the held-out testbed (``HELD_OUT``), which no default or
+setting of the calibration may be chosen on; they are only ever measured.
 ``load_classifier()`` is a small digit CNN whose penultimate features give a Frechet distance.
 Weights are committed next to this file; ``benchmarks/train_tiny.py`` made them (seeded). Pure torch.
 """
@@ -21,13 +24,15 @@ from .analytic import DiscreteSchedule  # SD1.x's schedule; sigma_to_t interpola
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 NULL_CLASS = 10
-IMAGE_SHAPE = (1, 16, 16)
+IMAGE_SHAPE = (1, 16, 16)  # the digits models'; image_shape(name) for any model
 # sha256 of the committed weight files; tests check them so a silently changed file is caught.
 SHA256 = {
     "digits-eps": "23e6c41b3d494ae7d7f0f94f9a69c49a60b5e48d3a0679827833bc64172c1dca",
     "digits-flow": "9119a5b9c5b51b86dab03d8a197199790ee0d3b21f6cc21cf78d6a31eb717d5a",
     "digits-classifier": "c7fff5fa874b5c1aab9d07aef1e8e344f2fbd914260af15f7017a4285ca56741",
     "digits-eps-narrow": "2ac504e79df9bbc2d82316cd24924869b99c3af68d4fa86ace609974740a229c",
+    "shapes-eps": "cf0b23330e326d36fbe208d80f64ff302c54b75ab6a7d0e06f6ceb62fa72209e",
+    "textures-flow": "7d2e105222eed9eef02501118fdbfa7321c8b5e6a0a925d2aa320fa16ebda2e3",
 }
 
 
@@ -63,15 +68,15 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """A small class-conditional UNet for 16x16 single-channel images (16 -> 8 -> 4)."""
+    """A small class-conditional UNet for 16x16 images of ``image_channels`` channels (16 -> 8 -> 4)."""
 
-    def __init__(self, channels=(32, 64, 96), emb_dim=128, n_classes=10):
+    def __init__(self, channels=(32, 64, 96), emb_dim=128, n_classes=10, image_channels=1):
         super().__init__()
         c1, c2, c3 = channels
         self.emb_dim = emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(n_classes + 1, emb_dim)
-        self.conv_in = nn.Conv2d(1, c1, 3, padding=1)
+        self.conv_in = nn.Conv2d(image_channels, c1, 3, padding=1)
         self.down1 = ResBlock(c1, c1, emb_dim)
         self.pool1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
         self.down2 = ResBlock(c2, c2, emb_dim)
@@ -79,7 +84,7 @@ class UNet(nn.Module):
         self.mid1, self.mid2 = ResBlock(c3, c3, emb_dim), ResBlock(c3, c3, emb_dim)
         self.up2 = ResBlock(c3 + c2, c2, emb_dim)
         self.up1 = ResBlock(c2 + c1, c1, emb_dim)
-        self.norm_out, self.conv_out = nn.GroupNorm(8, c1), nn.Conv2d(c1, 1, 3, padding=1)
+        self.norm_out, self.conv_out = nn.GroupNorm(8, c1), nn.Conv2d(c1, image_channels, 3, padding=1)
 
     def forward(self, x, t, labels):
         """``t`` is the timestep in [0, 1000) (flow: 1000 * t); ``labels`` 0-9, or 10 for the null class."""
@@ -167,13 +172,22 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-# name -> (wrapper, UNet channels, training seed). digits-eps-narrow is the held-out model: another width and seed,
-# trained the same way, and never used to choose any of the calibration engine's settings.
+# name -> (wrapper, UNet channels, training seed, data). digits-eps-narrow is digits-eps retrained at another width
+# and seed; the models of other data (HELD_OUT) are the held-out testbed: no setting of the calibration engine
+# was chosen on any of these, and none may be (benchmarks/PROTOCOL.md)
 MODELS = {
-    "digits-eps": (DigitsEps, (32, 64, 96), 0),
-    "digits-flow": (DigitsFlow, (32, 64, 96), 0),
-    "digits-eps-narrow": (DigitsEps, (24, 48, 64), 1),
+    "digits-eps": (DigitsEps, (32, 64, 96), 0, "digits"),
+    "digits-flow": (DigitsFlow, (32, 64, 96), 0, "digits"),
+    "digits-eps-narrow": (DigitsEps, (24, 48, 64), 1, "digits"),
+    "shapes-eps": (DigitsEps, (32, 64, 96), 2, "shapes"),
+    "textures-flow": (DigitsFlow, (32, 64, 96), 3, "textures"),
 }
+HELD_OUT = ("shapes-eps", "textures-flow")
+
+
+def image_shape(name):
+    """The (C, H, W) of the images model ``name`` makes."""
+    return IMAGE_SHAPE if MODELS[name][3] == "digits" else (3, 16, 16)
 
 
 def _load_state(module, name):
@@ -189,8 +203,8 @@ def load(name):
     """A model of ``MODELS`` as a k-diffusion-style denoiser ``model(x, sigma, cond=, cfg=)``."""
     if name not in MODELS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(MODELS)}")
-    wrapper, channels, _ = MODELS[name]
-    return wrapper(_load_state(UNet(channels), name))
+    wrapper, channels, _, _ = MODELS[name]
+    return wrapper(_load_state(UNet(channels, image_channels=image_shape(name)[0]), name))
 
 
 def load_classifier():
@@ -207,14 +221,15 @@ def digits_data():
 
 
 def save_grid(rows, path, scale=3, pad=2):
-    """Write rows of 16x16 images (each a (N, 1, 16, 16) tensor in [-1, 1]) as one PNG, cells separated by gaps."""
+    """Write rows of images (each a (N, C, H, W) tensor in [-1, 1], C 1 or 3) as one PNG, cells separated by gaps."""
     from PIL import Image
     n_cols = max(r.shape[0] for r in rows)
-    h, w = IMAGE_SHAPE[1] + pad, IMAGE_SHAPE[2] + pad
-    canvas = torch.full((len(rows) * h + pad, n_cols * w + pad), 0.35)
+    c, ih, iw = rows[0].shape[1:]
+    h, w = ih + pad, iw + pad
+    canvas = torch.full((c, len(rows) * h + pad, n_cols * w + pad), 0.35)
     for i, r in enumerate(rows):
         for j, img in enumerate(r):
-            canvas[pad + i * h: pad + i * h + IMAGE_SHAPE[1], pad + j * w: pad + j * w + IMAGE_SHAPE[2]] = \
-                (img[0].float().clamp(-1, 1) + 1) / 2
-    arr = (canvas * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
+            canvas[:, pad + i * h: pad + i * h + ih, pad + j * w: pad + j * w + iw] = (img.float().clamp(-1, 1) + 1) / 2
+    arr = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
+    image.resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)

@@ -1,0 +1,178 @@
+"""Where the end-to-end stage's gain goes: one default calibration traced check by check (issue 29's diagnostic).
+
+For a setting (model, cfg) at ``--evals`` model evaluations, ``iia_dpmpp_2m``, the calibration's defaults from
+``--noises`` calibration noises (seed 0): at the start of the end-to-end stage and at each of its held-out checks,
+the fit share's RMSE against the teacher, the held-out share's RMSE against the teacher, whether the acceptance rule
+takes the iterate (and the paired per-noise difference it judges, in standard errors), and the RMSE on the
+benchmark's 200 test noises against the 100-step reference (the test noises only watch: nothing is chosen on
+them). Beside it: the teacher's own error against the reference on the test noises (what matching the teacher
+can reach at best), and the decomposition of the gain: plain solver on the requested schedule, on the raised
+start, the per-step fit, the stage's result. Writes ``--out`` (JSON) and prints a table.
+
+    .venv-bench/bin/python benchmarks/stage.py digits-eps:1 --evals 6 [--noises 256] [--out stage.json]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from calibrated_samplers.calibration import end_to_end as E  # noqa: E402
+from calibrated_samplers.calibration import engine  # noqa: E402
+from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations  # noqa: E402
+from calibrated_samplers.samplers._core import Denoiser, integrate  # noqa: E402
+from protocol import check_may_tune  # noqa: E402  (benchmarks/protocol.py)
+
+SAMPLER = "iia_dpmpp_2m"
+HELD_OUT_ERRORS = E.Stage.held_out_errors  # the stage's own check, which Trace wraps
+
+
+def teacher_grid(sig, fine_steps, sigma_min):
+    """The teacher's whole grid: each interval of ``sig`` cut as engine._sub_grid cuts it."""
+    grid = [sig[0]]
+    for a, b in zip(sig[:-1], sig[1:]):
+        grid += engine._sub_grid(a, b, fine_steps, sigma_min)[1:]
+    return torch.tensor(grid, dtype=torch.float64)
+
+
+class Trace:
+    """Records, at every held-out check of the stage, the current iterate's test error (watch only)."""
+
+    def __init__(self, st, per_noise_rmse):
+        self.st, self.per_noise_rmse, self.rows, self.start = st, per_noise_rmse, [], None
+
+    def test_errors(self, stage):
+        with torch.no_grad():
+            params, sig = stage.learn.materialize()
+            sig = [float(s) for s in sig]
+            step = SAMPLERS[stage.method].stepper(params, stage.options)
+            st, unit = self.st, self.st.unit
+            per = unit.shape[0] // len(st.conditions)
+            ends = []
+            for j, c in enumerate(st.conditions):
+                x = unit[j * per:(j + 1) * per].to(torch.float64)
+                x = x if st.bed.family == "flow" else x * sig[0]
+                ev = Denoiser(st.bed.model, x, torch.tensor(sig, dtype=torch.float64), c)
+                ends.append(integrate(step, ev, x, sig, stage.run.family))
+            return self.per_noise_rmse(torch.cat(ends), st.reference)
+
+    def install(self):
+        trace, original = self, HELD_OUT_ERRORS
+
+        def held_out_errors(stage):
+            held = original(stage)
+            if trace.start is None:
+                trace.start = held
+            test = trace.test_errors(stage)
+            diff = trace.start.sqrt() - held.sqrt()
+            z = float(diff.mean() / (diff.std() / math.sqrt(diff.numel()))) if diff.numel() > 1 and diff.std() > 0 \
+                else 0.0
+            trace.rows.append({"spent": round(stage.spent, 1), "fit_rmse": getattr(stage, "last_loss", float("nan")),
+                               "held_out_rmse": math.sqrt(float(held.mean())), "held_out_z": z,
+                               "accepted": bool(E._accepted(held, trace.start, stage.margin)) if trace.rows else None,
+                               "test_rmse": float(test.pow(2).mean().sqrt())})
+            return held
+        E.Stage.held_out_errors = held_out_errors
+
+
+def trace(model, cfg, evals, noises, seed=0, overrides=None, sweep=True):
+    """One default (or ``overrides``) calibration of ``SAMPLER`` on the setting, traced check by check; returns a
+    dict (module docstring). ``sweep``: also the best uncalibrated sampler of the benchmark's sweep on the test
+    noises, and that pair again on the 600 fresh noises."""
+    import run as bench
+    overrides = dict(overrides or {})
+    check_may_tune(model, overrides)
+    st = bench.Setting(model, float(cfg), 200, noises)
+    n_steps, _ = steps_for_evaluations(SAMPLER, evals)
+    sig = st.bed.sigmas(n_steps)
+    tr = Trace(st, bench.per_noise_rmse)
+    tr.install()
+    started = time.time()
+    cal = engine.calibrate(st.bed.model, sig, SAMPLER, st.bed.noise(noises, seed, sig), st.conditions,
+                           chunk_size=64, sigma_min=st.bed.sigma_min, **st.fam, **overrides)
+    minutes = (time.time() - started) / 60
+
+    def per_noise(sigmas, calibration=None, unit=None, reference=None):
+        x = st.sample(SAMPLERS[SAMPLER], sigmas, unit, calibration=calibration, **st.fam)
+        return bench.per_noise_rmse(x, st.reference if reference is None else reference)
+
+    def rms(e):
+        return float(e.pow(2).mean().sqrt())
+    info = cal.info
+    e2e = info.get("end_to_end", {})
+    factor = info.get("start_schedule", {}).get("chosen_factor") or 1.0
+    start_sig = sig.to(torch.float64)
+    if factor != 1.0:  # the raised start, as engine._raised_end builds it
+        logs = torch.log(start_sig[:-1])
+        lowest = math.log(float(sig[-2]) * factor)
+        scaled = logs[0] - (logs[0] - logs) * (logs[0] - lowest) / float(logs[0] - logs[-1])
+        start_sig = torch.cat([scaled.exp(), torch.zeros(1, dtype=torch.float64)])
+        start_sig[0] = sig[0]
+    calibrated = per_noise(sig, cal)
+    out = {"setting": st.name, "evals": evals, "noises": noises, "seed": seed, "minutes": round(minutes, 2),
+           "overrides": {k: repr(v) for k, v in overrides.items()},
+           "plain_requested": rms(per_noise(sig)), "plain_raised_start": rms(per_noise(start_sig)),
+           "per_step_fit": tr.rows[0]["test_rmse"] if tr.rows else None, "calibrated": rms(calibrated),
+           "teacher": rms(per_noise(teacher_grid([float(s) for s in start_sig], int(info["fine_steps"]),
+                                                 st.bed.sigma_min))),
+           "chosen_factor": factor, "strength": info.get("strength"), "learning_rate": e2e.get("learning_rate"),
+           "best_round": e2e.get("best_round"),
+           "rounds": e2e.get("rounds"), "checks": tr.rows,
+           "learned_sigmas": [round(float(s), 4) for s in cal.sampling_sigmas]}
+    if sweep:
+        K = bench.load_k_diffusion_sampling()
+        best = None
+        for label, again in bench.uncalibrated_samplers(st, evals, bench.schedules(st.bed), K):
+            e = rms(bench.per_noise_rmse(again(None), st.reference))
+            if best is None or e < best[0]:
+                best = (e, label, again)
+        unit, reference = st.confirmation()
+        fresh_cal = per_noise(sig, cal, unit, reference)
+        fresh_unc = bench.per_noise_rmse(best[2](unit), reference)
+        out.update({"best_uncalibrated": best[1], "best_uncalibrated_rmse": best[0],
+                    "ratio": out["calibrated"] / best[0],
+                    "fresh": {"calibrated": rms(fresh_cal), "uncalibrated": rms(fresh_unc),
+                              "ratio_interval": bench.ratio_interval(fresh_cal, fresh_unc)}})
+    return out
+
+
+def show(out):
+    print(json.dumps({k: v for k, v in out.items() if k != "checks"}, indent=1))
+    print("spent  fit    held   z     acc   test")
+    for r in out["checks"]:
+        fit = r["fit_rmse"] ** 0.5 if r["fit_rmse"] == r["fit_rmse"] else float("nan")
+        print(f"{r['spent']:6.0f} {fit:.4f} {r['held_out_rmse']:.4f} {r['held_out_z']:5.2f} {str(r['accepted']):5} "
+              f"{r['test_rmse']:.4f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("setting", help="model:cfg, e.g. digits-eps:1")
+    p.add_argument("--evals", type=int, default=6)
+    p.add_argument("--noises", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="calibration noises' seed")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-sweep", action="store_true", help="skip the best uncalibrated sampler")
+    p.add_argument("--out", default=None)
+    p.add_argument("--set", nargs="*", default=[], help="calibrate() keyword overrides, key=value (Python literal)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    import ast
+    model, cfg = args.setting.split(":")
+    overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
+    out = trace(model, float(cfg), args.evals, args.noises, args.seed, overrides, sweep=not args.no_sweep)
+    show(out)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
