@@ -160,12 +160,13 @@ class Stage:
 
     def __init__(self, run, method, options, learn, teacher_end, lr=0.02, eval_every=5, batch=None,
                  budget=None, time_limit=None, checkpoint=True, progress=None, margin=1.0, loss="rmse", checks=20,
-                 sigma_lr=5.0):
+                 sigma_lr=5.0, step_fraction=None):
         self.run, self.method, self.options, self.learn = run, method, dict(options), learn
         self.teacher_end = teacher_end
         self.lr, self.eval_every, self.batch = lr, eval_every, batch
         self.budget, self.time_limit, self.checkpoint, self.progress = budget, time_limit, checkpoint, progress
         self.margin, self.loss, self.checks, self.sigma_lr = margin, loss, checks, sigma_lr
+        self.step_fraction = step_fraction
         self.fit = [ch for ch in run.chunks if not ch.held_out]
         self.held = [ch for ch in run.chunks if ch.held_out]
         self.n_fit = sum(ch.n for ch in self.fit)
@@ -256,6 +257,37 @@ class Stage:
                 chunks.append(SimpleNamespace(sl=idx, n=len(idx), group=group, held_out=False))
         return chunks
 
+    def measured_lr(self, chunks, groups):
+        """The learning rate at which Adam's first step (``lr`` times the gradient's sign, each group at its own
+        scale) moves the endpoints of ``chunks`` by ``step_fraction`` of their RMS error against the teacher: a rate
+        in units of this model's own sensitivity, where a fixed rate is large on one model and small on another.
+        Needs the leaves' gradients from ``chunks`` in place; costs two forward passes of them."""
+        eps = 1e-3
+        saved = self.learn.state()
+        moved, errors, elements = 0.0, 0.0, 0
+        with torch.no_grad():
+            base = []
+            for ch in chunks:
+                end, ev = self._endpoint(ch, grad=False)
+                self._count(ev, ch)
+                base.append(end)
+            for group in groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(eps * group["scale"] * p.grad.sign())
+            for ch, end in zip(chunks, base):
+                new, ev = self._endpoint(ch, grad=False)
+                self._count(ev, ch)
+                moved += float((new.double() - end.double()).pow(2).sum())
+                target = self.teacher_end[ch.sl].to(end.device, torch.float64)
+                errors += float((end.double() - target).pow(2).sum())
+                elements += end.numel()
+            self.learn.load_state(saved)
+        per_unit = math.sqrt(moved / elements) / eps
+        if not per_unit > 0 or not math.isfinite(per_unit):
+            return self.lr
+        return self.step_fraction * math.sqrt(errors / elements) / per_unit
+
     # ------------------------------------------------------------------ the loop
     def _finite(self, grads=False):
         tensors = [p.grad for p in self.learn.parameters() if p.grad is not None] if grads else self.learn.parameters()
@@ -288,6 +320,7 @@ class Stage:
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
         self.last_loss = float("nan")
+        self.lr_measured = None
         start = self.held_out_errors()
         checked = [(start, 0, self.learn.state())]
         self.history.append({"round": 0, "held_out_rmse": _rmse(start), "spent": self.spent})
@@ -319,6 +352,10 @@ class Stage:
             self.last_loss = self.gradient(chunks) ** 2
             if not self._finite(grads=True):
                 return False
+            if self.step_fraction is not None and self.lr_measured is None:
+                self.lr_measured = self.lr = self.measured_lr(chunks, opt.param_groups)
+                for group in opt.param_groups:
+                    group["lr"] = group["scale"] * self.lr
             if self.budget is not None:  # cosine decay over the budget: large steps first, a settled end
                 decay = 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.budget)))
                 for group in opt.param_groups:
@@ -355,7 +392,7 @@ class Stage:
             checked.append((held, rnd, self.learn.state()))
         best = next(c for c in reversed(checked) if c[1] == 0 or _accepted(c[0], start, self.margin))
         self.learn.load_state(best[2])
-        return {"optimizer": optimizer, "rounds": len(self.history) - 1, "best_round": best[1],
+        return {"optimizer": optimizer, "learning_rate": self.lr, "rounds": len(self.history) - 1, "best_round": best[1],
                 "held_out_rmse": _rmse(best[0]), "start_held_out_rmse": self.history[0]["held_out_rmse"],
                 "seconds": round(time.perf_counter() - started, 3), "evaluations_per_sample": round(self.spent, 2),
                 "forward_evaluations": self.forward, "backward_evaluations": self.backward,

@@ -590,8 +590,8 @@ def _best_variant(model, sigmas, sampler, noise, extra_args, progress, settings,
 def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,
               sigma_min=None, end_to_end=True, learn_params=True, learn_sigmas=True, budget=None, time_limit=None,
-              optimizer="adam", learning_rate=0.02, fit_batch=16, storage_device=None, progress=None, cancel=None,
-              info=None, shared_teacher=None, **options):
+              optimizer="adam", learning_rate=0.02, fit_batch=16, step_fraction=None, storage_device=None,
+              progress=None, cancel=None, info=None, shared_teacher=None, **options):
     """Fit ``sampler``'s per-step parameters to ``model`` on the schedule ``sigmas``; returns a ``Calibration``.
 
     ``noise``: the batch of initial states (already scaled to sigmas[0], as a sampler receives them).
@@ -629,6 +629,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                     holdout=holdout, chunk_size=chunk_size, validate=validate, sigma_min=sigma_min,
                     end_to_end=end_to_end, learn_params=learn_params, learn_sigmas=learn_sigmas, budget=budget,
                     time_limit=time_limit, optimizer=optimizer, learning_rate=learning_rate, fit_batch=fit_batch,
+                    step_fraction=step_fraction,
                     storage_device=storage_device, cancel=cancel, info=info, shared_teacher=shared_teacher)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; calibrated samplers are "
@@ -750,6 +751,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                             learn_end=learn_sigmas != "interior")
         start = run.done
         stage = E.Stage(run, sampler, options, learn, teacher.endpoint(), lr=learning_rate, batch=fit_batch,
+                        step_fraction=step_fraction,
                         budget=limit, time_limit=time_limit,
                         progress=lambda spent: run.tick_to(start + min(E2E_UNITS, int(E2E_UNITS * spent / limit))))
         fit_info["end_to_end"] = stage.optimise(optimizer)

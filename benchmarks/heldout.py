@@ -1,0 +1,94 @@
+"""The default calibration on the held-out testbed beside digits, at the batch sizes users calibrate with, and where
+its gain comes from (issue 29). Writes benchmarks/HELDOUT.md and heldout.json.
+
+For each setting, evaluation count and calibration batch (32 noises, the Calibrate node's default; 64; 256), one
+default calibration of iia_dpmpp_2m traced by benchmarks/stage.py: the best uncalibrated sampler of run.py's sweep
+(every solver on every schedule, raised ends included) chosen on the 200 test noises, then that pair measured on
+600 fresh noises (the ratio reported), and the error at each stage of the calibration on the test noises: the plain
+solver on the requested schedule, on the raised start the probe chose, after the per-step fit, after the end-to-end
+stage. The held-out models (PROTOCOL.md) are measured with the defaults only.
+
+    .venv-bench/bin/python benchmarks/heldout.py [--settings shapes-eps:1 ...] [--evals 5 6] [--noises 32 256]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+SETTINGS = ["shapes-eps:1", "shapes-eps:5", "textures-flow:1", "digits-eps:1", "digits-eps:5", "digits-flow:1"]
+
+
+def job(setting, evals, noises):
+    import torch
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    import stage
+    model, cfg = setting.split(":")
+    out = stage.trace(model, float(cfg), evals, noises)
+    return out
+
+
+def row(r):
+    fresh = r["fresh"]
+    ratio, lo, hi = fresh["ratio_interval"]
+    held_out = "held out" if r["setting"].split(" cfg ")[0] in ("shapes-eps", "textures-flow") else "tuning"
+    return (f"| {r['setting']} ({held_out}) | {r['evals']} | {r['noises']} | {r['best_uncalibrated']} "
+            f"{fresh['uncalibrated']:.4f} | {fresh['calibrated']:.4f} | **{ratio:.2f}x** [{lo:.2f}-{hi:.2f}] | "
+            f"{r['plain_requested']:.4f} | {r['plain_raised_start']:.4f} (x{r['chosen_factor']:g}) | "
+            f"{r['per_step_fit']:.4f} | {r['calibrated']:.4f} (round {r['best_round']}/{r['rounds']}) | "
+            f"{r['teacher']:.4f} | {r['minutes']:.1f} |")
+
+
+def main():
+    from jobs import run_jobs
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=SETTINGS)
+    p.add_argument("--evals", type=int, nargs="+", default=[5, 6])
+    p.add_argument("--noises", type=int, nargs="+", default=[32, 64, 256])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=HERE)
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.job:
+        print(json.dumps(job(*json.loads(args.job))))
+        return
+    started = time.time()
+    specs = [(s, n, b) for b in sorted(args.noises, reverse=True) for s in args.settings for n in args.evals]
+    results = []
+    for r in run_jobs(__file__, specs, args.workers):
+        results.append(r)
+        print(row(r), flush=True)
+    results.sort(key=lambda r: (SETTINGS.index(f"{r['setting'].split(' cfg ')[0]}:{r['setting'].split(' cfg ')[1]}")
+                                if f"{r['setting'].split(' cfg ')[0]}:{r['setting'].split(' cfg ')[1]}" in SETTINGS
+                                else 99, r["evals"], r["noises"]))
+    with open(os.path.join(args.out, "heldout.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    import torch
+    lines = [f"# The default calibration on held-out models ({datetime.date.today().isoformat()})", "",
+             f"`.venv-bench/bin/python benchmarks/heldout.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+             f"({(time.time() - started) / 60:.0f} min, {args.workers} processes of one thread, {platform.platform()}, "
+             f"torch {torch.__version__}). Protocol: PROTOCOL.md (held-out models measured with the defaults only).",
+             "", "iia_dpmpp_2m, default calibration from the given number of noises (seed 0). **fresh**: best "
+             "uncalibrated (chosen on the 200 test noises among run.py's sweep, raised ends included) and the "
+             "calibration, endpoint RMSE on 600 fresh noises against the 100-step reference, their ratio and its "
+             "95% paired bootstrap interval. **Where the gain comes from** (test noises): the plain solver on the "
+             "requested Karras/shift-1 schedule, on the raised start the probe chose (factor), after the per-step fit, "
+             "after the end-to-end stage (the check it kept / its checks); the teacher the fit matches, against the "
+             "same reference.", "",
+             "| setting | evals | noises | best uncalibrated (fresh) | calibrated (fresh) | ratio (fresh) | plain | "
+             "raised start | per-step fit | end to end | teacher | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [row(r) for r in results]
+    with open(os.path.join(args.out, "HELDOUT.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
