@@ -107,13 +107,7 @@ def trace(model, cfg, evals, noises, seed=0, overrides=None, sweep=True):
     info = cal.info
     e2e = info.get("end_to_end", {})
     factor = info.get("start_schedule", {}).get("chosen_factor") or 1.0
-    start_sig = sig.to(torch.float64)
-    if factor != 1.0:  # the raised start, as engine._raised_end builds it
-        logs = torch.log(start_sig[:-1])
-        lowest = math.log(float(sig[-2]) * factor)
-        scaled = logs[0] - (logs[0] - logs) * (logs[0] - lowest) / float(logs[0] - logs[-1])
-        start_sig = torch.cat([scaled.exp(), torch.zeros(1, dtype=torch.float64)])
-        start_sig[0] = sig[0]
+    start_sig = engine.raised_schedule(sig, factor).to(torch.float64)
     calibrated = per_noise(sig, cal)
     out = {"setting": st.name, "evals": evals, "noises": noises, "seed": seed, "minutes": round(minutes, 2),
            "overrides": {k: repr(v) for k, v in overrides.items()},

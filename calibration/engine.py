@@ -526,16 +526,12 @@ def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_st
     for i in range(probe.n_steps):
         teacher.advance(i, range(len(probe.chunks)))
     target = teacher.endpoint()
-    logs = torch.tensor([math.log(s) for s in sig[:-1]], dtype=torch.float64)
     candidates, per_noise = [], []
     for factor in END_FACTORS:
         lowest = sig[-2] * factor
         if factor > 1 and math.log(sig[0] / lowest) < 0.25 * math.log(sig[0] / sig[-2]):  # keep the steps room
             break
-        scaled = logs[0] - (logs[0] - logs) * (logs[0] - math.log(lowest)) / float(logs[0] - logs[-1])
-        cand = torch.cat([scaled.exp(), torch.zeros(1, dtype=torch.float64)])
-        cand[0] = sig[0]
-        cand = sigmas.detach().cpu().clone() if factor == 1 else cand.to(sigmas.dtype)  # 1: exactly as requested
+        cand = raised_schedule(sigmas, factor)
         candidates.append((factor, cand))
         per_noise.append(_plain_errors(probe, sampler, cand, target, options))
     scores = [math.sqrt(float(e.mean())) for e in per_noise]
@@ -549,6 +545,19 @@ def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_st
             "chosen_factor": candidates[best][0], "probe_noises": int(probe.x0.shape[0]),
             "sample_evaluations": probe.sample_evaluations, "model_calls": probe.model_calls}
     return candidates[best][1], info
+
+
+def raised_schedule(sigmas, factor):
+    """``sigmas`` (ending in 0) with the last positive sigma times ``factor``, the spacing between rescaled in log
+    sigma and the first sigma kept; factor 1 is the requested schedule exactly."""
+    if factor == 1:
+        return sigmas.detach().cpu().clone()
+    sig = [float(s) for s in sigmas]
+    logs = torch.tensor([math.log(s) for s in sig[:-1]], dtype=torch.float64)
+    scaled = logs[0] - (logs[0] - logs) * (logs[0] - math.log(sig[-2] * factor)) / float(logs[0] - logs[-1])
+    cand = torch.cat([scaled.exp(), torch.zeros(1, dtype=torch.float64)])
+    cand[0] = sig[0]
+    return cand.to(sigmas.dtype)
 
 
 def _plain_errors(probe, sampler, sig, target, options):
