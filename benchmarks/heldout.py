@@ -1,7 +1,7 @@
 """The default calibration on the held-out testbed beside digits, at the batch sizes users calibrate with, and where
 its gain comes from (issue 29). Writes benchmarks/HELDOUT.md and heldout.json.
 
-For each setting, evaluation count and calibration batch (32 noises, the Calibrate node's default; 64; 256), one
+For each setting, evaluation count and calibration batch (32 noises, the Calibrate node's default; 64; 256; run in the order given), one
 default calibration of iia_dpmpp_2m traced by benchmarks/stage.py: the best uncalibrated sampler of run.py's sweep
 (every solver on every schedule, raised ends included) chosen on the 200 test noises, then that pair measured on
 600 fresh noises (the ratio reported), and the error at each stage of the calibration on the test noises: the plain
@@ -53,21 +53,30 @@ def main():
     p.add_argument("--noises", type=int, nargs="+", default=[32, 64, 256])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=HERE)
+    p.add_argument("--resume", action="store_true", help="keep the results heldout.json already holds (the same code)")
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.job:
         print(json.dumps(job(*json.loads(args.job))))
         return
     started = time.time()
-    specs = [(s, n, b) for b in sorted(args.noises, reverse=True) for s in args.settings for n in args.evals]
+    specs = [(s, n, b) for b in args.noises for s in args.settings for n in args.evals]
+    path = os.path.join(args.out, "heldout.json")
     results = []
+    if args.resume and os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+        done = {(r["setting"].replace(" cfg ", ":"), r["evals"], r["noises"]) for r in results}
+        specs = [spec for spec in specs if tuple(spec) not in done]
     for r in run_jobs(__file__, specs, args.workers):
         results.append(r)
         print(row(r), flush=True)
+        with open(path, "w") as f:  # each result as it comes: a run cut short keeps what it finished (--resume)
+            json.dump(results, f, indent=1)
     results.sort(key=lambda r: (SETTINGS.index(f"{r['setting'].split(' cfg ')[0]}:{r['setting'].split(' cfg ')[1]}")
                                 if f"{r['setting'].split(' cfg ')[0]}:{r['setting'].split(' cfg ')[1]}" in SETTINGS
                                 else 99, r["evals"], r["noises"]))
-    with open(os.path.join(args.out, "heldout.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
     import torch
     lines = [f"# The default calibration on held-out models ({datetime.date.today().isoformat()})", "",
