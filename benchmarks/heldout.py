@@ -1,8 +1,9 @@
 """The default calibration on the held-out testbed beside digits, at the batch sizes users calibrate with, and where
 its gain comes from (issue 29). Writes benchmarks/HELDOUT.md and heldout.json.
 
-For each setting, evaluation count and calibration batch (32 noises, the Calibrate node's default; 64; 256; run in the order given), one
-default calibration of iia_dpmpp_2m traced by benchmarks/stage.py: the best uncalibrated sampler of run.py's sweep
+For each setting, evaluation count and calibration batch (32 noises, the Calibrate node's default; 64; 256; run in
+the order given), one default calibration of iia_dpmpp_2m traced by benchmarks/stage.py: the best uncalibrated
+sampler of run.py's sweep
 (every solver on every schedule, raised ends included) chosen on the 200 test noises, then that pair measured on
 600 fresh noises (the ratio reported), and the error at each stage of the calibration on the test noises: the plain
 solver on the requested schedule, on the raised start the probe chose, after the per-step fit, after the end-to-end
@@ -21,7 +22,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from calibrated_samplers.calibration.testbed.tiny import HELD_OUT  # noqa: E402
+
 SETTINGS = ["shapes-eps:1", "shapes-eps:5", "textures-flow:1", "digits-eps:1", "digits-eps:5", "digits-flow:1"]
+
+
+def spec_of(result):
+    """The --settings spelling ("model:cfg") of a result's setting ("model cfg cfg")."""
+    return result["setting"].replace(" cfg ", ":")
 
 
 def job(setting, evals, noises):
@@ -37,7 +45,7 @@ def job(setting, evals, noises):
 def row(r):
     fresh = r["fresh"]
     ratio, lo, hi = fresh["ratio_interval"]
-    held_out = "held out" if r["setting"].split(" cfg ")[0] in ("shapes-eps", "textures-flow") else "tuning"
+    held_out = "held out" if r["setting"].split(" cfg ")[0] in HELD_OUT else "tuning"
     return (f"| {r['setting']} ({held_out}) | {r['evals']} | {r['noises']} | {r['best_uncalibrated']} "
             f"{fresh['uncalibrated']:.4f} | {fresh['calibrated']:.4f} | **{ratio:.2f}x** [{lo:.2f}-{hi:.2f}] | "
             f"{r['plain_requested']:.4f} | {r['plain_raised_start']:.4f} (x{r['chosen_factor']:g}) | "
@@ -45,7 +53,6 @@ def row(r):
             f"{r['teacher']:.4f} | {r['minutes']:.1f} |")
 
 
-HELD_OUT_MODELS = ("shapes-eps", "textures-flow")
 SECTION = "## Where the gain comes from (held-out models beside digits)"
 
 
@@ -58,8 +65,8 @@ def gain_section(results, source="heldout.json"):
              "on the requested schedule, then after each stage of the calibration, and each stage's share of the "
              "whole drop (a negative share: that stage made it worse). The last column is the headline: best "
              "calibrated / best uncalibrated (raised ends included) on 600 fresh noises, with its 95% interval.", "",
-             "| model | cfg | evals | noises | plain | raised end | per-step fit | end to end | shares: raised / per-step "
-             "/ e2e | fresh ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | cfg | evals | noises | plain | raised end | per-step fit | end to end | "
+             "shares: raised / per-step / e2e | fresh ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         model, cfg = r["setting"].split(" cfg ")
         plain, raised, fit, end = r["plain_requested"], r["plain_raised_start"], r["per_step_fit"], r["calibrated"]
@@ -67,7 +74,7 @@ def gain_section(results, source="heldout.json"):
         steps = ((plain, raised), (raised, fit), (fit, end))
         shares = " / ".join(f"{(a - b) / drop:.0%}".replace("-0%", "0%") for a, b in steps) if drop > 0 else "no gain"
         ratio, lo, hi = r["fresh"]["ratio_interval"]
-        kind = "held out" if model in HELD_OUT_MODELS else "tuning"
+        kind = "held out" if model in HELD_OUT else "tuning"
         lines.append(f"| {model} ({kind}) | {cfg} | {r['evals']} | {r['noises']} | {plain:.4f} | {raised:.4f} "
                      f"(x{r['chosen_factor']:g}) | {fit:.4f} | {end:.4f} (check {r['best_round']}/{r['rounds']}) | "
                      f"{shares} | {ratio:.2f}x [{lo:.2f}-{hi:.2f}] |")
@@ -113,16 +120,14 @@ def main():
     if args.resume and os.path.exists(path):
         with open(path) as f:
             results = json.load(f)
-        done = {(r["setting"].replace(" cfg ", ":"), r["evals"], r["noises"]) for r in results}
+        done = {(spec_of(r), r["evals"], r["noises"]) for r in results}
         specs = [spec for spec in specs if tuple(spec) not in done]
     for r in run_jobs(__file__, specs, args.workers):
         results.append(r)
         print(row(r), flush=True)
         with open(path, "w") as f:  # each result as it comes: a run cut short keeps what it finished (--resume)
             json.dump(results, f, indent=1)
-    results.sort(key=lambda r: (SETTINGS.index(f"{r['setting'].split(' cfg ')[0]}:{r['setting'].split(' cfg ')[1]}")
-                                if f"{r['setting'].split(' cfg ')[0]}:{r['setting'].split(' cfg ')[1]}" in SETTINGS
-                                else 99, r["evals"], r["noises"]))
+    results.sort(key=lambda r: (SETTINGS.index(spec_of(r)) if spec_of(r) in SETTINGS else 99, r["evals"], r["noises"]))
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     import torch
