@@ -4,9 +4,9 @@ its gain comes from (issue 29). Writes benchmarks/HELDOUT.md and heldout.json.
 For each setting, evaluation count and calibration batch (32 noises, the Calibrate node's default; 64; 256; run in
 the order given), one default calibration of iia_dpmpp_2m traced by benchmarks/stage.py: the best uncalibrated
 sampler of run.py's sweep (every solver on every schedule, raised ends included) chosen on the 200 test noises, then
-that pair measured on 600 fresh noises (the ratio reported), and the error at each stage of the calibration on the test noises: the plain
-solver on the requested schedule, on the raised start the probe chose, after the per-step fit, after the end-to-end
-stage. The held-out models (PROTOCOL.md) are measured with the defaults only.
+that pair measured on 600 fresh noises (the ratio reported), and the error at each stage of the calibration on the
+test noises: the plain solver on the requested schedule, on the raised start the probe chose, after the per-step fit,
+after the end-to-end stage. The held-out models (PROTOCOL.md) are measured with the defaults only.
 
     .venv-bench/bin/python benchmarks/heldout.py [--settings shapes-eps:1 ...] [--evals 5 6] [--noises 32 256]
 """
