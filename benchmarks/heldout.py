@@ -31,14 +31,16 @@ def spec_of(result):
     return result["setting"].replace(" cfg ", ":")
 
 
+SWEEP_CACHE = os.path.join(HERE, "sweep-cache.json")  # the best uncalibrated sampler per cell (stage.trace)
+
+
 def job(setting, evals, noises):
     import torch
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     import stage
     model, cfg = setting.split(":")
-    out = stage.trace(model, float(cfg), evals, noises)
-    return out
+    return stage.trace(model, float(cfg), evals, noises, sweep_cache=SWEEP_CACHE)
 
 
 def row(r):
