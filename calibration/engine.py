@@ -599,7 +599,7 @@ def _best_variant(model, sigmas, sampler, noise, extra_args, progress, settings,
 def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,
               sigma_min=None, end_to_end=True, learn_params=True, learn_sigmas=True, budget=None, time_limit=None,
-              optimizer="adam", learning_rate=None, fit_batch=16, step_fraction=None, storage_device=None,
+              optimizer="adam", learning_rate=None, fit_batch=None, step_fraction=None, storage_device=None,
               progress=None, cancel=None, info=None, shared_teacher=None, **options):
     """Fit ``sampler``'s per-step parameters to ``model`` on the schedule ``sigmas``; returns a ``Calibration``.
 
@@ -625,7 +625,9 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     ``learn_sigmas`` only the time steps are learned (an LD3-style schedule for the plain solver).
     ``budget``: model-evaluation equivalents per noise that stage may spend (a backward pass counts two;
     default ``BUDGET_FACTOR`` times what the per-step fit spent); ``time_limit``: seconds, optional.
-    ``optimizer``: "adam" (``fit_batch`` fit noises per step, ``learning_rate`` decayed over the budget) or
+    ``optimizer``: "adam" (``fit_batch`` fit noises per step, by default a share of the fit noises that keeps the
+    number of steps whatever the batch (``end_to_end.default_batch``: 16 from 192 fit noises up, 2 from 24 down;
+    ``"all"``: every fit noise), ``learning_rate`` decayed over the budget) or
     "lbfgs" (full batch). ``learning_rate``: None (the default) measures Adam's rate on the model itself, the rate
     at which its first step moves the fit noises' endpoints by ``step_fraction`` (default
     ``end_to_end.STEP_FRACTION``) of their error against the teacher (a fixed rate is too large on one model and too
@@ -762,7 +764,9 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                             scales=scales.get("coeffs"), device=run.device, floor=floor,
                             learn_end=learn_sigmas != "interior")
         start = run.done
-        stage = E.Stage(run, sampler, options, learn, teacher.endpoint(), lr=learning_rate, batch=fit_batch,
+        n_fit = sum(ch.n for ch in run.chunks if not ch.held_out)
+        batch = (E.default_batch(n_fit) if fit_batch is None else None if fit_batch == "all" else int(fit_batch))
+        stage = E.Stage(run, sampler, options, learn, teacher.endpoint(), lr=learning_rate, batch=batch,
                         step_fraction=E.STEP_FRACTION if step_fraction is None else step_fraction,
                         budget=limit, time_limit=time_limit,
                         progress=lambda spent: run.tick_to(start + min(E2E_UNITS, int(E2E_UNITS * spent / limit))))
