@@ -132,10 +132,17 @@ def main():
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     import torch
-    lines = [f"# The default calibration on held-out models ({datetime.date.today().isoformat()})", "",
-             f"`.venv-bench/bin/python benchmarks/heldout.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
-             f"({(time.time() - started) / 60:.0f} min, {args.workers} processes of one thread, {platform.platform()}, "
-             f"torch {torch.__version__}). Protocol: PROTOCOL.md (held-out models measured with the defaults only).",
+    run = (f"`.venv-bench/bin/python benchmarks/heldout.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + "\n"
+           f"({(time.time() - started) / 60:.0f} min, {args.workers} processes of one thread, {platform.platform()}, "
+           f"torch {torch.__version__}).")
+    write_tables(results, run, args.out, args.benchmarks)
+
+
+def write_tables(results, runs, out, benchmarks=False):
+    """HELDOUT.md (and with ``benchmarks`` the gain section of BENCHMARKS.md) in ``out`` from ``results``; ``runs``
+    says which commands produced them."""
+    lines = [f"# The default calibration on held-out models ({datetime.date.today().isoformat()})", "", runs,
+             "Protocol: PROTOCOL.md (held-out models measured with the defaults only).",
              "", "iia_dpmpp_2m, default calibration from the given number of noises (seed 0). **fresh**: best "
              "uncalibrated (chosen on the 200 test noises among run.py's sweep, raised ends included) and the "
              "calibration, endpoint RMSE on 600 fresh noises against the 100-step reference, their ratio and its "
@@ -147,12 +154,11 @@ def main():
              "raised start | per-step fit | end to end | teacher | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(r) for r in results]
-    with open(os.path.join(args.out, "HELDOUT.md"), "w") as f:
+    with open(os.path.join(out, "HELDOUT.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    if args.benchmarks:
-        write_gain_section(results, os.path.join(args.out, "BENCHMARKS.md"))
+    if benchmarks:
+        write_gain_section(results, os.path.join(out, "BENCHMARKS.md"))
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()
