@@ -73,7 +73,8 @@ class Trace:
             diff = trace.start.sqrt() - held.sqrt()
             z = float(diff.mean() / (diff.std() / math.sqrt(diff.numel()))) if diff.numel() > 1 and diff.std() > 0 \
                 else 0.0
-            trace.rows.append({"spent": round(stage.spent, 1), "fit_rmse": math.sqrt(getattr(stage, "last_loss", float("nan"))),
+            fit = math.sqrt(getattr(stage, "last_loss", float("nan")))
+            trace.rows.append({"spent": round(stage.spent, 1), "fit_rmse": fit,
                                "held_out_rmse": math.sqrt(float(held.mean())), "held_out_z": z,
                                "accepted": bool(E._accepted(held, trace.start, stage.margin)) if trace.rows else None,
                                "test_rmse": float(test.pow(2).mean().sqrt())})
@@ -166,8 +167,8 @@ def show(out):
     print(json.dumps({k: v for k, v in out.items() if k != "checks"}, indent=1))
     print("spent  fit    held   z     acc   test")
     for r in out["checks"]:
-        print(f"{r['spent']:6.0f} {r['fit_rmse']:.4f} {r['held_out_rmse']:.4f} {r['held_out_z']:5.2f} {str(r['accepted']):5} "
-              f"{r['test_rmse']:.4f}")
+        print(f"{r['spent']:6.0f} {r['fit_rmse']:.4f} {r['held_out_rmse']:.4f} {r['held_out_z']:5.2f} "
+              f"{str(r['accepted']):5} {r['test_rmse']:.4f}")
 
 
 def main():
