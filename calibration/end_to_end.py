@@ -189,13 +189,15 @@ class Stage:
         self.teacher_end = teacher_end
         # no rate and no fraction to measure one by: the fixed rate
         self.lr = FALLBACK_LR if lr is None and step_fraction is None else lr
-        self.eval_every, self.batch = eval_every, batch
+        self.eval_every = eval_every
         self.budget, self.time_limit, self.checkpoint, self.progress = budget, time_limit, checkpoint, progress
         self.margin, self.loss, self.checks, self.sigma_lr = margin, loss, checks, sigma_lr
         self.step_fraction = step_fraction
         self.fit = [ch for ch in run.chunks if not ch.held_out]
         self.held = [ch for ch in run.chunks if ch.held_out]
         self.n_fit = sum(ch.n for ch in self.fit)
+        # Adam's minibatch: by default a share of the fit noises (default_batch), "all" (kept as None) the full batch
+        self.batch = default_batch(self.n_fit) if batch is None else None if batch == "all" else int(batch)
         self.group_of = {i: ch.group for ch in self.fit for i in range(ch.sl.start, ch.sl.stop)}  # fit noise -> condition
         self.forward = self.backward = 0  # model evaluations x samples, in the forward and the backward passes
         self.history = []

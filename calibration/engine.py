@@ -764,9 +764,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                             scales=scales.get("coeffs"), device=run.device, floor=floor,
                             learn_end=learn_sigmas != "interior")
         start = run.done
-        n_fit = sum(ch.n for ch in run.chunks if not ch.held_out)
-        batch = (E.default_batch(n_fit) if fit_batch is None else None if fit_batch == "all" else int(fit_batch))
-        stage = E.Stage(run, sampler, options, learn, teacher.endpoint(), lr=learning_rate, batch=batch,
+        stage = E.Stage(run, sampler, options, learn, teacher.endpoint(), lr=learning_rate, batch=fit_batch,
                         step_fraction=E.STEP_FRACTION if step_fraction is None else step_fraction,
                         budget=limit, time_limit=time_limit,
                         progress=lambda spent: run.tick_to(start + min(E2E_UNITS, int(E2E_UNITS * spent / limit))))
