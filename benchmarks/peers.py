@@ -19,7 +19,8 @@ import math
 import torch
 
 from calibrated_samplers.calibration import calibrate
-from calibrated_samplers.calibration.engine import _split_sizes, _sub_grid  # the pack's teacher grid and batch split
+from calibrated_samplers.calibration.batch import split_sizes  # the pack's batch split
+from calibrated_samplers.calibration.teacher import sub_grid  # the pack's teacher grid
 from calibrated_samplers.samplers import SAMPLERS, Family
 from calibrated_samplers.samplers.base import exp_update
 
@@ -124,7 +125,7 @@ def _pas_basis(x, x_T, d, buffer):
 
 def _pas_weights(i, sig, base):
     """Weights on d_i, d_{i-1}, ... of the step sig[i] -> sig[i+1] (Euler, or iPNDM's fixed ones)."""
-    from calibrated_samplers.samplers._core import IPNDM_WEIGHTS
+    from calibrated_samplers.samplers.core import IPNDM_WEIGHTS
     h = sig[i + 1] - sig[i]
     order = 1 if base == "euler" else min(i + 1, PAS_ORDER)
     return [h * w for w in IPNDM_WEIGHTS[order - 1]]
@@ -160,9 +161,9 @@ def pas_calibration(model, sigmas, noise, conditions, family="ve", shift=1.0, si
     sig = [float(s) for s in sigmas]
     fine, at = [sig[0]], [0]
     for a, b in zip(sig, sig[1:]):
-        fine += _sub_grid(a, b, fine_steps, sigma_min)[1:]
+        fine += sub_grid(a, b, fine_steps, sigma_min)[1:]
         at.append(len(fine) - 1)
-    sizes = _split_sizes(noise.shape[0], len(conditions))  # the batch split over the conditions as calibrate() does
+    sizes = split_sizes(noise.shape[0], len(conditions))  # the batch split over the conditions as calibrate() does
     starts = [sum(sizes[:c]) for c in range(len(conditions))]
     groups = [(noise[a:a + n].to(torch.float64), cond) for a, n, cond in zip(starts, sizes, conditions)]
     targets = []

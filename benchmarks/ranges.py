@@ -58,10 +58,10 @@ def cal_noise(bed, n_cal):
 def real_digits(bed, n, offset):
     """``n`` real digits split over the classes as a calibration splits a batch over its conditions (class-major),
     each class's taken from its ``offset``-th image on."""
-    from calibrated_samplers.calibration.engine import _split_sizes
+    from calibrated_samplers.calibration.batch import split_sizes
     from calibrated_samplers.calibration.testbed import tiny
     x, y = tiny.digits_data()
-    return torch.cat([x[y == c][offset:offset + k] for c, k in enumerate(_split_sizes(n, bed.classes))])
+    return torch.cat([x[y == c][offset:offset + k] for c, k in enumerate(split_sizes(n, bed.classes))])
 
 
 def job(spec):
@@ -152,7 +152,7 @@ def main():
         FITTED_CFGS, TEST_CFGS, DEDICATED_CFGS = [3.0, 8.0], [3.0, 4.5], [4.5]
     bed = setup()
     from calibrated_samplers.calibration import load
-    from calibrated_samplers.calibration.ranges import denoise_schedule
+    from calibrated_samplers.calibration.entries import denoise_schedule
     started = time.perf_counter()
     work = tempfile.mkdtemp(prefix="ranges-")
     specs = ([("range", (c,), n_cal, work) for c in FITTED_CFGS]

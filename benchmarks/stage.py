@@ -25,8 +25,9 @@ sys.path.insert(0, HERE)
 
 from calibrated_samplers.calibration import end_to_end as E  # noqa: E402
 from calibrated_samplers.calibration import engine  # noqa: E402
+from calibrated_samplers.calibration.teacher import sub_grid  # noqa: E402
 from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations  # noqa: E402
-from calibrated_samplers.samplers._core import Denoiser, integrate  # noqa: E402
+from calibrated_samplers.samplers.core import Denoiser, integrate  # noqa: E402
 from protocol import check_may_tune  # noqa: E402  (benchmarks/protocol.py)
 
 SAMPLER = "iia_dpmpp_2m"
@@ -34,10 +35,10 @@ HELD_OUT_ERRORS = E.Stage.held_out_errors  # the stage's own check, which Trace 
 
 
 def teacher_grid(sig, fine_steps, sigma_min):
-    """The teacher's whole grid: each interval of ``sig`` cut as engine._sub_grid cuts it."""
+    """The teacher's whole grid: each interval of ``sig`` cut as the calibration's teacher cuts it."""
     grid = [sig[0]]
     for a, b in zip(sig[:-1], sig[1:]):
-        grid += engine._sub_grid(a, b, fine_steps, sigma_min)[1:]
+        grid += sub_grid(a, b, fine_steps, sigma_min)[1:]
     return torch.tensor(grid, dtype=torch.float64)
 
 
@@ -76,7 +77,7 @@ class Trace:
             fit = math.sqrt(getattr(stage, "last_loss", float("nan")))
             trace.rows.append({"spent": round(stage.spent, 1), "fit_rmse": fit,
                                "held_out_rmse": math.sqrt(float(held.mean())), "held_out_z": z,
-                               "accepted": bool(E._accepted(held, trace.start, stage.margin)) if trace.rows else None,
+                               "accepted": bool(E.held_out_accepts(held, trace.start, stage.margin)) if trace.rows else None,
                                "test_rmse": float(test.pow(2).mean().sqrt())})
             return held
         E.Stage.held_out_errors = held_out_errors

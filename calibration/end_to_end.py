@@ -15,7 +15,7 @@ requiring gradients (the model's weights never do).
 - **Memory**: each step is checkpointed (its activations are recomputed in the backward pass, so a trajectory
   keeps only its states), and the gradient is accumulated chunk by chunk, so the peak is one chunk's step
   whatever the batch. The model may be float16/bfloat16; the parameters and the solver's arithmetic are float32
-  or better (samplers._core.work_dtype).
+  or better (samplers.core.work_dtype).
 - **Schedule**: Adam on small minibatches, its learning rate decayed to zero over the budget (a cosine), so the
   run ends settled rather than where a noisy step left it; the whole budget is spent (an early stop would cut
   the decay short, and the settled end is where most of the gain is). The time steps learn ``sigma_lr`` times
@@ -46,7 +46,7 @@ from types import SimpleNamespace
 import torch
 
 from ..samplers import SAMPLERS
-from ..samplers._core import Denoiser, integrate
+from ..samplers.core import Denoiser, integrate
 from ..samplers.amed import DEFAULTS as AMED_DEFAULTS
 
 R_BOUNDS = (0.02, 1.0)
@@ -420,7 +420,7 @@ class Stage:
             if not math.isfinite(_rmse(held)):
                 break
             checked.append((held, rnd, self.learn.state()))
-        best = next(c for c in reversed(checked) if c[1] == 0 or _accepted(c[0], start, self.margin))
+        best = next(c for c in reversed(checked) if c[1] == 0 or held_out_accepts(c[0], start, self.margin))
         self.learn.load_state(best[2])
         return {"optimizer": optimizer, "learning_rate": self.lr, "learning_rate_measured": measure,
                 "rounds": len(self.history) - 1, "best_round": best[1], "steps": self.steps, "batch": self.batch,
@@ -434,13 +434,13 @@ def _rmse(errors):
     return math.sqrt(float(errors.mean())) if errors.numel() else float("nan")
 
 
-def _accepted(errors, start, margin):
+def held_out_accepts(errors, start, margin):
     """Whether an iterate with per-noise mean squared held-out ``errors`` may replace the ``start``: no higher mean
     squared error, and per-noise RMSEs lower by more than ``margin`` standard errors of their paired difference."""
-    return bool(errors.mean() <= start.mean()) and _significantly_lower(errors.sqrt(), start.sqrt(), margin)
+    return bool(errors.mean() <= start.mean()) and significantly_lower(errors.sqrt(), start.sqrt(), margin)
 
 
-def _significantly_lower(errors, start, margin):
+def significantly_lower(errors, start, margin):
     """Whether per-noise ``errors`` beat ``start`` (the same noises) by more than ``margin`` standard errors of their
     paired difference: endpoint errors are heavy-tailed, and a lower mean alone is often luck on a few noises."""
     diff = start - errors

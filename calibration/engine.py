@@ -28,10 +28,12 @@ import torch
 from ..samplers import SAMPLERS, Family
 from ..samplers import amed as A
 from ..samplers import base as B
-from ..samplers._core import Denoiser, HISTORY_KEPT, prepare, remember, sigma_list
+from ..samplers.core import Denoiser, HISTORY_KEPT, prepare, remember, sigma_list
 from ..samplers.iia import VARIANT_BY_NAME, AnalyticFirst
 from . import end_to_end as E
+from .batch import CalibrationCancelled, join_records, split_chunks, split_sizes, take_records
 from .file import Calibration
+from .teacher import SharedView, Teacher
 from .requests import check_request
 
 TARGETS = ("trajectory", "local")
@@ -43,53 +45,9 @@ BUDGET_FACTOR = 8.0  # the end-to-end stage's default budget, in multiples of th
 E2E_UNITS = 100  # progress units of the end-to-end stage (its length is known only as a budget)
 
 
-class CalibrationCancelled(RuntimeError):
-    """The ``cancel`` callback asked the calibration to stop; nothing was written."""
-    __module__ = "calibrated_samplers"  # what UIs print as its type: short and the same wherever the pack lives
-
-
 # --------------------------------------------------------------------------------------------------
 # Per-sample state kept for the whole batch, worked on chunk by chunk
 # --------------------------------------------------------------------------------------------------
-
-def _take(records, sl, device):
-    return [{k: (v[sl].to(device) if torch.is_tensor(v) else v) for k, v in r.items()} for r in records]
-
-
-def _join(parts, device):
-    """Concatenate per-chunk lists of records (same structure in every chunk) along the batch."""
-    out = []
-    for recs in zip(*parts):
-        out.append({k: (torch.cat([r[k].to(device) for r in recs]) if torch.is_tensor(v) else v)
-                    for k, v in recs[0].items()})
-    return out
-
-
-class _Chunk:
-    def __init__(self, sl, group, held_out):
-        self.sl, self.group, self.held_out = sl, group, held_out
-        self.n = sl.stop - sl.start
-
-
-def _chunks(n_total, n_groups, holdout, chunk_size):
-    """Chunks that never straddle a condition or the fit/held-out split; the held-out share is per condition."""
-    chunks, start = [], 0
-    for g, size in enumerate(_split_sizes(n_total, n_groups)):
-        n_hold = int(round(holdout * size))
-        if size - n_hold < 1 or (holdout > 0 and n_hold < 1):
-            raise ValueError(
-                f"a batch of {n_total} noises over {n_groups} conditions gives {size} for one condition, which "
-                f"cannot be split {1 - holdout:.0%} fit / {holdout:.0%} held out: give a larger batch")
-        for lo, hi, held in ((start, start + size - n_hold, False), (start + size - n_hold, start + size, True)):
-            for a in range(lo, hi, chunk_size):
-                chunks.append(_Chunk(slice(a, min(a + chunk_size, hi)), g, held))
-        start += size
-    return chunks
-
-
-def _split_sizes(n, k):
-    return [n // k + (1 if j < n % k else 0) for j in range(k)]
-
 
 def _flat(t):
     return t.reshape(t.shape[0], -1).to(torch.float64)
@@ -129,7 +87,7 @@ class _Run:
         self.x0 = self.x.clone()
         self.conditions = conditions
         self.chunk_size = int(chunk_size)
-        self.chunks = _chunks(x.shape[0], len(conditions), holdout, chunk_size)
+        self.chunks = split_chunks(x.shape[0], len(conditions), holdout, chunk_size)
         self.progress, self.cancel = progress, cancel
         self.done, self.total = 0, 0
         self.sample_evaluations = 0
@@ -155,103 +113,6 @@ class _Run:
     def check_cancel(self):
         if self.cancel is not None and self.cancel():
             raise CalibrationCancelled("calibration cancelled; nothing was saved")
-
-
-def _sub_grid(a, b, fine_steps, sigma_min=None):
-    """``fine_steps`` equal sub-steps of [a, b] in log sigma.
-
-    Into sigma = 0: equal sub-steps in log sigma down to ``sigma_min`` (the smallest sigma the model is defined
-    at), then the final step to 0 from there, as every sampler's last step does; with no ``sigma_min`` (a model
-    defined everywhere, like the analytic mixture) equal sub-steps in sigma all the way.
-    """
-    if b > 0:
-        grid = [math.exp(math.log(a) + (math.log(b) - math.log(a)) * j / fine_steps) for j in range(fine_steps + 1)]
-    elif sigma_min is None:
-        grid = [a + (b - a) * j / fine_steps for j in range(fine_steps + 1)]
-    elif a <= sigma_min * (1 + 1e-6) or fine_steps == 1:
-        grid = [a, b]
-    else:
-        grid = _sub_grid(a, sigma_min, fine_steps - 1) + [b]
-    grid[0], grid[-1] = a, b
-    return grid
-
-
-def _sub_solve(step_fn, ev, x, a, b, fine_steps, hist, family, options, sigma_min=None):
-    """The teacher solver over ``fine_steps`` sub-steps of [a, b], continuing ``hist``; returns (x, hist)."""
-    grid = _sub_grid(a, b, fine_steps, sigma_min)
-    sub_hist = list(hist)
-    for j in range(len(grid) - 1):
-        x, q = step_fn(ev, x, j, grid, sub_hist, family, **options)
-        remember(sub_hist, q)
-    return x, sub_hist
-
-
-class _Teacher:
-    """The base solver over ``fine_steps`` sub-steps of each interval, advanced alongside the fit.
-
-    Its state and history are kept per chunk (on the storage device), so it can run for any subset of chunks.
-    """
-
-    def __init__(self, run, base, fine_steps, options):
-        self.run, self.fine_steps = run, fine_steps
-        self.step_fn = B.BASE_STEPS[base][0]
-        # a multistep teacher on a non-uniform sub-grid needs the exact variable-step weights
-        self.options = {k: v for k, v in options.items() if k in ("max_order",)}
-        if base in ("ipndm", "spndm"):
-            self.options["variable_step"] = True
-        self.states = {}  # chunk index -> (x, hist)
-
-    def advance(self, i, chunks):
-        """Move the teacher of ``chunks`` (indices into run.chunks) to sigma_{i+1}; returns their states."""
-        run, out = self.run, []
-        for j in chunks:
-            ch = run.chunks[j]
-            x, hist = self.states.get(j, (run.x0[ch.sl], []))
-            x = x.to(run.device)
-            ev = run.denoiser(ch, x)
-            x, hist = _sub_solve(self.step_fn, ev, x, run.sig[i], run.sig[i + 1], self.fine_steps,
-                                 _take(hist, slice(None), run.device), run.family, self.options, run.sigma_min)
-            run.count(ev, ch)
-            x = x.to(run.storage)
-            self.states[j] = (x, _take(hist[-HISTORY_KEPT:], slice(None), run.storage))
-            out.append(x)
-            run.tick()
-        return out
-
-    def endpoint(self):
-        """The teacher's final states over the whole batch (NaN where it did not run)."""
-        if len(self.states) != len(self.run.chunks):
-            x = torch.full_like(self.run.x0, float("nan"))
-        else:
-            x = torch.empty_like(self.run.x0)
-        for j, (xt, _) in self.states.items():
-            x[self.run.chunks[j].sl] = xt
-        return x
-
-    def local(self, i, x, hist, ev):
-        """The fine solve of [sigma_i, sigma_{i+1}] from a calibrated state (the IIA paper's target)."""
-        return _sub_solve(self.step_fn, ev, x, self.run.sig[i], self.run.sig[i + 1], self.fine_steps, hist,
-                          self.run.family, self.options, self.run.sigma_min)[0]
-
-
-class _SharedView:
-    """A run's teacher read from a ranges.SharedTeacher (one fine solve shared by several schedules)."""
-
-    def __init__(self, run, shared):
-        self.run, self.shared = run, shared
-        self.states = {}
-
-    def advance(self, i, chunks):
-        run, x, out = self.run, self.shared.at(self.run.sig[i + 1]), []
-        for j in chunks:
-            xs = x[run.chunks[j].sl].to(run.storage)
-            self.states[j] = (xs, None)
-            out.append(xs)
-            run.tick()
-        return out
-
-    def endpoint(self):
-        return self.shared.at(self.run.sig[-1]).to(self.run.storage)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +167,7 @@ def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info, sca
         moved = 0.0
         for j, ch in enumerate(run.chunks):
             x = run.x[ch.sl].to(run.device)
-            h = _take(hist, ch.sl, run.device)
+            h = take_records(hist, ch.sl, run.device)
             ev = run.denoiser(ch, x)
             xb, q = step_fn(AnalyticFirst(ev, run.family) if (afs and i == 0) else ev, x, i, run.sig, h, run.family,
                             **options)
@@ -320,7 +181,7 @@ def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info, sca
             (held if ch.held_out else fit).add(g, _flat(y - xb))
             moved += float(_flat(xb - x).pow(2).sum())
             x_base.append(xb.to(run.storage))
-            records.append(_take([q], slice(None), run.storage))
+            records.append(take_records([q], slice(None), run.storage))
             run.tick()
         step_rms[i] = math.sqrt(moved / (run.x0.numel()))
         gram[i] = (fit.G + held.G) / run.x0.numel()
@@ -347,12 +208,12 @@ def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info, sca
         ridges.append(chosen)
         # advance every noise with the corrected update; the basis is rebuilt from the stored records
         new_x = []
-        q_all = _join(records, run.storage)[0]
+        q_all = join_records(records, run.storage)[0]
         for j, ch in enumerate(run.chunks):
             xb = x_base[j].to(run.device)
             if c.abs().sum() > 0:
-                xb = variant.correct(xb, c.tolist(), _take([q_all], ch.sl, run.device)[0],
-                                     _take(hist, ch.sl, run.device), run.family, depth, i)
+                xb = variant.correct(xb, c.tolist(), take_records([q_all], ch.sl, run.device)[0],
+                                     take_records(hist, ch.sl, run.device), run.family, depth, i)
             new_x.append(xb.to(run.storage))
         remember(hist, q_all, max(HISTORY_KEPT, depth + 1))
         run.x = torch.cat(new_x)
@@ -410,7 +271,7 @@ def _fit_amed(run, method, teacher, target, afs, options, fit_info):
             ev = run.denoiser(ch, x)
             D = A.afs_denoised(x, s, run.family) if (afs and i == 0) else ev(x, s)
             y = targets[j] if targets is not None else teacher.local(
-                i, x, _take(hist, ch.sl, run.device), ev).to(run.storage)
+                i, x, take_records(hist, ch.sl, run.device), ev).to(run.storage)
             run.count(ev, ch)
             first.append(D.to(run.storage))
             ys.append(y)
@@ -419,7 +280,7 @@ def _fit_amed(run, method, teacher, target, afs, options, fit_info):
             stats = {rc: (_Line(), _Line()) for rc in candidates}
             for j, ch in enumerate(run.chunks):
                 x = run.x[ch.sl].to(run.device)
-                h = _take(hist, ch.sl, run.device)
+                h = take_records(hist, ch.sl, run.device)
                 ev = run.denoiser(ch, x, cached=(s, x, first[j].to(run.device)))
                 y = ys[j].to(run.device)
                 for r, a in candidates:
@@ -450,17 +311,17 @@ def _fit_amed(run, method, teacher, target, afs, options, fit_info):
         for j, ch in enumerate(run.chunks):
             x = run.x[ch.sl].to(run.device)
             ev = run.denoiser(ch, x, cached=(s, x, first[j].to(run.device)))
-            A_, B_, records = A.amed_parts(kind, ev, x, i, run.sig, _take(hist, ch.sl, run.device), run.family,
+            A_, B_, records = A.amed_parts(kind, ev, x, i, run.sig, take_records(hist, ch.sl, run.device), run.family,
                                            r, a, afs, **options)
             run.count(ev, ch)
             if B_ is None:
                 last[1 if ch.held_out else 0].add(A_, torch.zeros_like(A_), ys[j].to(run.device))
             new_x.append((A_ if B_ is None else A_ + c * B_).to(run.storage))
-            recs.append(_take(records, slice(None), run.storage))
+            recs.append(take_records(records, slice(None), run.storage))
             run.tick()
         if s_next == 0:
             before[i] = after[i] = (last[1] if last[1].n else last[0]).mse(0.0)
-        joined = _join(recs, run.storage)
+        joined = join_records(recs, run.storage)
         remember(hist, {"records": joined})
         run.x = torch.cat(new_x)
     fit_info["candidates_per_step"] = searched
@@ -516,13 +377,13 @@ def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_st
     sig = [float(s) for s in sigmas]
     n_groups = len(conditions)
     picks, start = [], 0
-    for size in _split_sizes(int(noise.shape[0]), n_groups):
+    for size in split_sizes(int(noise.shape[0]), n_groups):
         n_fit = size - int(round(holdout * size))
         picks.append(noise[start:start + min(n_fit, max(1, PROBE_NOISES // n_groups))])
         start += size
     probe = _Run(model, sigmas, torch.cat(picks), conditions, family, chunk_size, 0.0, storage_device, None, cancel,
                  None if sigma_min is None else float(sigma_min))
-    teacher = _Teacher(probe, base, fine_steps, options)
+    teacher = Teacher(probe, base, fine_steps, options)
     for i in range(probe.n_steps):
         teacher.advance(i, range(len(probe.chunks)))
     target = teacher.endpoint()
@@ -539,7 +400,7 @@ def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_st
     # a raise must beat the requested end by more than the probe's own noise (one standard error of the paired
     # per-noise difference, the stage's rule): where a few noises that end in another mode carry the error, the
     # factors differ by luck, and a raise chosen so is as likely to be worse on other noises
-    if best and not E._significantly_lower(per_noise[best], per_noise[0], 1.0):
+    if best and not E.significantly_lower(per_noise[best], per_noise[0], 1.0):
         best = 0
     info = {"factors": [f for f, _ in candidates], "probe_rmse": [round(e, 6) for e in scores],
             "chosen_factor": candidates[best][0], "probe_noises": int(probe.x0.shape[0]),
@@ -722,8 +583,8 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     run.total += len(held) if raised else 0  # the final check of the plain solver on the requested schedule
     if shared_teacher is not None and (target != "trajectory" or not shared_teacher.covers(run.sig)):
         shared_teacher = None
-    teacher = (_Teacher(run, fn.base, int(fine_steps), options) if shared_teacher is None
-               else _SharedView(run, shared_teacher))
+    teacher = (Teacher(run, fn.base, int(fine_steps), options) if shared_teacher is None
+               else SharedView(run, shared_teacher))
     fit_info, scales = {}, {}
     before = after = fallback = None
     with torch.no_grad():

@@ -24,6 +24,7 @@ import torch
 from .. import __version__ as PACK_VERSION
 from ..samplers import SAMPLERS, Family
 from ..samplers.iia import VARIANT_BY_NAME
+from .entries import describe_entries, select
 
 FORMAT = "calibrated-samplers"
 FORMAT_VERSION = 2  # 2 adds sample_sigmas; a file without them is still written as 1, which every version reads
@@ -113,7 +114,7 @@ def _write(path, tensors, metadata, replace):
 
 class CalibrationSet:
     """Calibrations of one method for one model at several step counts, denoise values and cfg values (a range
-    file). ``select`` picks, or interpolates over cfg, the calibration for a run; see calibration.ranges."""
+    file). ``select`` picks, or interpolates over cfg, the calibration for a run; see calibration.entries."""
 
     def __init__(self, entries, info=None):
         self.entries = list(entries)
@@ -140,7 +141,6 @@ class CalibrationSet:
 
     def summary(self):
         """What the set serves, in words: step counts, denoise values and cfg values or range."""
-        from .ranges import describe_entries
         return describe_entries(self.entries)
 
     def primary(self):
@@ -154,8 +154,7 @@ class CalibrationSet:
         return self.entries[0]
 
     def select(self, sigmas, family=None, cfg=None):
-        """(Calibration or None, why): see ranges.select."""
-        from .ranges import select
+        """(Calibration or None, why): see entries.select."""
         return select(self, sigmas, family, cfg)
 
     def tensors(self):

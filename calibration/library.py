@@ -2,7 +2,7 @@
 
 A file matches a run when its method, schedule (sigmas, within the samplers' tolerance), model family, model
 fingerprint and cfg all agree; a range file (CalibrationSet) matches when it holds an entry for the schedule and
-a cfg range that contains the run's (ranges.select). Among several matches a file fitted at exactly the run's cfg
+a cfg range that contains the run's (entries.select). Among several matches a file fitted at exactly the run's cfg
 wins over an interpolated one, then one fitted at the run's image size (``size_distance``), then the newest.
 ``find`` also returns why each near miss was passed over, so a UI can tell the user what to calibrate instead of
 silently running the base.
@@ -13,11 +13,11 @@ import os
 import torch
 
 from ..samplers import CalibrationMismatch, Family
-from ..samplers._core import check_calibration
+from ..samplers.core import check_calibration
+from .entries import CFG_TOLERANCE
 from .file import CalibrationFileError, CalibrationSet, load
 from .identity import describe_difference, same_model, tensor_digest
 
-CFG_TOLERANCE = 1e-3
 # a file fitted within this ratio of the run's pixel count counts as fitted at its size. Measured
 # (benchmarks/RESOLUTION*.md): a file fitted at the trained size used at 2-4x its pixels made 1.34-1.40x the error of
 # the run's own size's file at cfg 1, and at cfg 5 a file used at 2.25x or 1/2.25 its pixels 1.17-1.22x

@@ -1,10 +1,5 @@
-"""Range calibration: one file (a CalibrationSet) that serves several step counts, denoise values and a cfg range.
-
-A run's schedule (its sigmas) picks the entries fitted for it: the step count and denoise are in the sigmas, so
-no other key is needed and a schedule the set was not fitted for is never served by a near one. Among those
-entries the run's cfg picks one fitted at that cfg, or the two fitted cfgs around it, whose parameters (and
-learned time steps) are interpolated linearly in cfg; outside the fitted cfg range nothing is served and the
-reason says which range was fitted.
+"""Range calibration: one file (a CalibrationSet) that serves several step counts, denoise values and a cfg range
+(which entry serves a run: entries.py).
 
 ``calibrate_range`` fits every (steps, denoise, cfg) entry with ``calibrate``. At full denoise every step count
 starts from the same noise, so one teacher solve per cfg serves them all: it is run once over the union of the
@@ -13,189 +8,17 @@ every entry reads its targets from it. Below full denoise the run starts from an
 ``data`` if given, else samples of the model itself at that cfg (the set's longest full-denoise entry, or the base
 solver on a fine schedule), re-noised with noise independent of the noise that made them.
 """
-import math
 import time
 
 import torch
 
-from ..samplers import SAMPLERS, CalibrationMismatch, Family
-from ..samplers import base as B
-from ..samplers._core import HISTORY_KEPT, Denoiser, check_calibration, prepare, sigma_list
-from .engine import CalibrationCancelled, _chunks, _sub_solve, _take, calibrate
-from .file import Calibration, CalibrationSet
-from .library import CFG_TOLERANCE
+from ..samplers import SAMPLERS, Family
+from .batch import CalibrationCancelled, split_chunks
+from .engine import calibrate
+from .entries import denoise_schedule
+from .file import CalibrationSet
 from .requests import check_afs, check_request
-
-
-def denoise_schedule(schedule, steps, denoise=1.0):
-    """The sigmas of ``steps`` steps at ``denoise``, as ComfyUI's KSampler and BasicScheduler (and the web UIs' hires
-    fix) make them: the last ``steps + 1`` sigmas of the schedule for int(steps / denoise) steps. ``schedule(n)``
-    gives n-step sigmas."""
-    if denoise is None or denoise >= 1.0:
-        return torch.as_tensor(schedule(steps), dtype=torch.float64)
-    if not 0.0 < denoise:
-        raise ValueError(f"denoise must be above 0, got {denoise}")
-    full = torch.as_tensor(schedule(int(steps / min(denoise, 0.999))), dtype=torch.float64)
-    return full[-(steps + 1):]
-
-
-def img2img_schedule(schedule, steps, denoise=1.0):
-    """The sigmas of A1111/Forge img2img at ``steps`` and ``denoise`` (without "fixed steps"): the last
-    int(denoise * steps) + 1 steps of the ``steps``-step schedule. (Their hires fix cuts as ComfyUI does.)"""
-    full = torch.as_tensor(schedule(steps), dtype=torch.float64)
-    if denoise is None or denoise >= 1.0:
-        return full
-    kept = int(min(denoise, 0.999) * steps)
-    return full[steps - kept - 1:]
-
-
-def _span(values, fmt="{:g}"):
-    values = sorted(set(values))
-    if len(values) > 2 and all(b - a == 1 for a, b in zip(values, values[1:])):
-        return f"{values[0]}-{values[-1]}"
-    return ", ".join(fmt.format(v) for v in values)
-
-
-def describe_entries(entries):
-    """"steps 4-12 at denoise 1, cfg 3-8 (3 fitted values)" for a list of Calibrations."""
-    steps = [c.steps for c in entries]
-    denoise = [float(c.info.get("denoise", 1.0)) for c in entries]
-    cfgs = sorted({float(c.info["cfg"]) for c in entries if c.info.get("cfg") is not None})
-    cfg_text = "any cfg" if not cfgs else (f"cfg {cfgs[0]:g}" if len(cfgs) == 1 else
-                                           f"cfg {cfgs[0]:g}-{cfgs[-1]:g} ({len(cfgs)} fitted values)")
-    return f"steps {_span(steps)} at denoise {_span(denoise)}, {cfg_text}"
-
-
-def interpolate(low, high, cfg):
-    """The calibration for ``cfg`` between two entries fitted at cfgs around it (same schedule): every parameter
-    and learned time step linear in cfg."""
-    c0, c1 = float(low.info["cfg"]), float(high.info["cfg"])
-    w = (float(cfg) - c0) / (c1 - c0)
-    params = {}
-    for k in set(low.params) | set(high.params):
-        a, b = low.params.get(k), high.params.get(k)
-        if a is None or b is None:  # an IIA time scale one side did not learn: the other side's default is 1
-            a = torch.ones_like(b) if a is None else a
-            b = torch.ones_like(a) if b is None else b
-        params[k] = (1 - w) * a + w * b
-    learned = None
-    if low.sample_sigmas is not None or high.sample_sigmas is not None:
-        # a convex mix of two decreasing schedules with the same ends is decreasing with the same ends
-        learned = (1 - w) * low.sampling_sigmas + w * high.sampling_sigmas
-    info = dict(low.info, cfg=float(cfg), interpolated={"cfg": [c0, c1], "weight": round(w, 6)})
-    return Calibration(low.method, low.sigmas, params, low.family, low.shift, low.options, info, sample_sigmas=learned)
-
-
-def select(cset, sigmas, family=None, cfg=None):
-    """(Calibration, None) for the run, or (None, why). ``cfg`` None accepts any fitted cfg (the middle one)."""
-    sig = sigma_list(sigmas) if torch.is_tensor(sigmas) else [float(s) for s in sigmas]
-    fam = Family.of(cset.family if family is None else family)
-    fitting = []
-    for cal in cset.entries:
-        try:
-            check_calibration(cal, cset.method, sig, fam)
-            fitting.append(cal)
-        except CalibrationMismatch as e:
-            if str(e).startswith("calibration is for a"):  # the family: the same for every entry
-                return None, str(e)
-    if not fitting:
-        return None, (f"holds {describe_entries(cset.entries)}; none was fitted for this run's schedule "
-                      f"({len(sig) - 1} steps, sigmas {sig[0]:.4g} ... {sig[-1]:.4g}): use one of those step "
-                      "counts and denoise values with the scheduler it was made with, or calibrate for this one")
-    fitted = sorted(((float(c.info["cfg"]), c) for c in fitting if c.info.get("cfg") is not None),
-                    key=lambda p: p[0])
-    if cfg is None:
-        return (fitted[len(fitted) // 2][1] if fitted else fitting[-1]), None
-    if not fitted:
-        return None, "records no cfg"
-    cfg = float(cfg)
-    for made, cal in fitted:
-        if abs(made - cfg) <= CFG_TOLERANCE:
-            return cal, None
-    below = [p for p in fitted if p[0] < cfg]
-    above = [p for p in fitted if p[0] > cfg]
-    if not below or not above:
-        span = f"cfg {fitted[0][0]:g}" if len(fitted) == 1 else f"cfg {fitted[0][0]:g}-{fitted[-1][0]:g}"
-        return None, (f"was fitted for {span} at this schedule, this run uses cfg {cfg:g}: use a cfg in that "
-                      "range, or calibrate a range that includes it")
-    low, high = below[-1][1], above[0][1]
-    if low.options != high.options:  # fitted with different solver options: no mix of the two is either
-        return (low if cfg - below[-1][0] <= above[0][0] - cfg else high), None
-    return interpolate(low, high, cfg), None
-
-
-# --------------------------------------------------------------------------------------------------
-# One teacher solve for every step count
-# --------------------------------------------------------------------------------------------------
-
-class SharedTeacher:
-    """The base solver's fine solve from one batch of initial states through the union of several schedules'
-    sigmas, kept at every one of them, so calibrations of those schedules read their targets from it.
-
-    Each interval of the union lies inside one interval of the densest schedule and gets as many sub-steps as
-    its share of that interval's ``fine_steps`` (at least one), so no schedule's targets are coarser than its
-    own teacher's would be.
-    """
-
-    def __init__(self, model, states, conditions, schedules, base, fine_steps, family, sigma_min=None,
-                 chunk_size=32, holdout=0.25, progress=None, cancel=None):
-        self.fine_steps = int(fine_steps)
-        self.points = sorted({float(s) for sig in schedules for s in sig}, reverse=True)
-        densest = max(schedules, key=len)
-        dense = [float(s) for s in densest]
-        fam = Family.of(family)
-        step_fn = B.BASE_STEPS[base][0]
-        options = {"variable_step": True} if base in ("ipndm", "spndm") else {}
-        x_all, _ = prepare(states)
-        chunks = _chunks(x_all.shape[0], len(conditions), holdout, chunk_size)
-        self.states = {self.points[0]: x_all.clone()}
-        for s in self.points[1:]:
-            self.states[s] = torch.empty_like(x_all)
-        self.evaluations = 0  # per sample
-        sub_steps = [self._sub_steps(a, b, dense) for a, b in zip(self.points, self.points[1:])]
-        total, done = len(chunks) * len(sub_steps), 0
-        for ch in chunks:
-            x, hist = x_all[ch.sl], []
-            ev = Denoiser(model, x, torch.tensor(self.points, dtype=torch.float64), conditions[ch.group])
-            for (a, b), n in zip(zip(self.points, self.points[1:]), sub_steps):
-                if cancel is not None and cancel():
-                    raise CalibrationCancelled("calibration cancelled; nothing was saved")
-                x, hist = _sub_solve(step_fn, ev, x, a, b, n, hist, fam, options, sigma_min)
-                hist = _take(hist[-HISTORY_KEPT:], slice(None), x.device)
-                self.states[b][ch.sl] = x
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            self.evaluations += ev.calls * ch.n
-        self.evaluations /= x_all.shape[0]
-        self.per_sub_step = self.evaluations / max(1, sum(sub_steps))
-
-    def _sub_steps(self, a, b, dense):
-        for hi, lo in zip(dense, dense[1:]):
-            if hi >= a and b >= lo:
-                if b <= 0:  # into sigma = 0: sub-stepped as every schedule's own teacher does it
-                    return self.fine_steps
-                share = math.log(a / b) / math.log(hi / (lo if lo > 0 else b))
-                return max(1, math.ceil(self.fine_steps * share - 1e-9))
-        raise ValueError(f"sigma interval [{a}, {b}] lies outside the densest schedule")
-
-    def _point(self, sigma):
-        """The kept sigma equal to ``sigma`` (up to rounding), or None."""
-        sigma = float(sigma)
-        return next((p for p in self.states if abs(p - sigma) <= 1e-12 * max(1.0, p)), None)
-
-    def covers(self, sigmas):
-        return all(self._point(s) is not None for s in sigmas)
-
-    def at(self, sigma):
-        p = self._point(sigma)
-        if p is None:
-            raise KeyError(f"the shared teacher has no state at sigma {float(sigma)}")
-        return self.states[p]
-
-    def dedicated_cost(self, n_steps):
-        """Evaluations per sample a dedicated teacher of ``n_steps`` steps would spend."""
-        return n_steps * self.fine_steps * self.per_sub_step
+from .teacher import SharedTeacher
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +150,7 @@ def _clean_latents(model, conditions, noise, schedule, steps, entries, cfg, samp
         calibration = None
     out = torch.empty_like(noise)
     calls = 0
-    for ch in _chunks(noise.shape[0], len(conditions), holdout, chunk_size):
+    for ch in split_chunks(noise.shape[0], len(conditions), holdout, chunk_size):
         with torch.no_grad():
             x = start(sig[0], noise[ch.sl], torch.zeros_like(noise[ch.sl]))
             out[ch.sl] = fn(model, x, sig, extra_args=conditions[ch.group], disable=True,

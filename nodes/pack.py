@@ -8,7 +8,7 @@ from ..calibration import CalibrationCancelled, load
 from ..calibration.library import Library
 from ..calibration.picture import residual_image
 from ..samplers import SAMPLERS, Family
-from ..samplers._core import check_calibration
+from ..samplers.core import check_calibration
 from .declare import In, Node, build, v3_api
 from ..calibration.file import CalibrationSet
 from ..calibration.requests import (RequestError, check_entries, check_request, output_path, parse_cfgs,

@@ -7,7 +7,7 @@ facts: ``.base`` (the solver it reduces to without calibration), ``.nfe_per_step
 ``family`` ("eps"/"v"/"edm" = x0 + sigma n, or "flow" = (1 - sigma) x0 + sigma n) and ``shift``.
 """
 from . import amed, gddim, iia  # noqa: F401  (registration)
-from ._core import CalibrationMismatch, Family
+from .core import CalibrationMismatch, Family
 from .registry import SAMPLERS, steps_for_evaluations
 
 for _name, _fn in SAMPLERS.items():

@@ -11,7 +11,7 @@ Into sigma = 0 a step is one plain base step with no intermediate evaluation.
 from functools import partial
 
 from . import base as B
-from ._core import CalibrationMismatch, calibrated_sampler, expm1, hypot, sigma_list
+from .core import CalibrationMismatch, calibrated_sampler, expm1, hypot, sigma_list
 from .registry import register
 
 DEFAULTS = {"r": 0.5, "c": 1.0, "a": 1.0}

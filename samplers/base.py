@@ -6,7 +6,7 @@ A step is ``step(ev, x, i, sig, hist, family, **opts) -> (x_next, q)``: ``ev`` e
 quantities) for later steps and for IIA's basis vectors. Every step ends at sigma = 0 with a first-order
 update that needs no evaluation there, as k-diffusion's samplers do.
 """
-from ._core import adams_bashforth, exp, expm1, log
+from .core import adams_bashforth, exp, expm1, log
 
 
 def to_d(x, sigma, denoised):

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from ._core import Family, lagrange_integrals, prepare, report, sigma_list, steps, Denoiser
+from .core import Family, lagrange_integrals, prepare, report, sigma_list, steps, Denoiser
 from .registry import register
 
 

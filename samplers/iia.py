@@ -13,7 +13,7 @@ from functools import partial
 import torch
 
 from . import base as B
-from ._core import HISTORY_KEPT, CalibrationMismatch, calibrated_sampler, sigma_list
+from .core import HISTORY_KEPT, CalibrationMismatch, calibrated_sampler, sigma_list
 from .amed import afs_denoised
 from .registry import register
 

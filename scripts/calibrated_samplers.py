@@ -235,7 +235,8 @@ def calibration_run(model, x, sigmas, extra_args, job, env, p):
     info = dict(job.info, cfg=cfg, fingerprint=fp["id"], fingerprint_detail=fp)
     conditions = [{"prompt": k} for k in range(len(job.prompts))]
     if job.spread is not None:
-        from calibrated_samplers.calibration.ranges import calibrate_range, denoise_schedule, img2img_schedule
+        from calibrated_samplers.calibration.entries import denoise_schedule, img2img_schedule
+        from calibrated_samplers.calibration.ranges import calibrate_range
 
         def with_cfg(value):
             fixed["cond_scale"] = value

@@ -267,15 +267,15 @@ def test_the_held_out_share_vetoes_an_iterate_only_for_a_worse_mean_or_no_typica
     start = torch.full((40,), 0.01, dtype=torch.float64)
     start[0] = 1.0
     better = start * 0.5  # every noise closer
-    assert E._accepted(better, start, 1.0)
+    assert E.held_out_accepts(better, start, 1.0)
     lucky = start.clone()
     lucky[0] = 0.5  # the mean falls by a third, but only the one far-off noise moved
-    assert not E._accepted(lucky, start, 1.0)
+    assert not E.held_out_accepts(lucky, start, 1.0)
     typical = start * 0.25
     typical[0] = 1.4  # every typical noise 2x closer, the far-off one farther: the mean rises
-    assert not E._accepted(typical, start, 1.0)
+    assert not E.held_out_accepts(typical, start, 1.0)
     typical[0] = 1.0  # ... and with the far-off one unchanged it is a gain
-    assert E._accepted(typical, start, 1.0)
+    assert E.held_out_accepts(typical, start, 1.0)
 
 
 def test_keeps_the_settled_last_iterate():

@@ -521,7 +521,7 @@ def test_calibrate_node_over_ranges_writes_one_file_that_every_listed_setting_fi
     """more_steps, cfg_list and denoise_list: one file; KSampler's dropdown finds it at each step count and denoise,
     interpolates between the fitted cfgs, and outside them runs the base solver with a toast in the browser."""
     from calibrated_samplers.calibration.file import CalibrationSet
-    from calibrated_samplers.calibration.ranges import denoise_schedule
+    from calibrated_samplers.calibration.entries import denoise_schedule
     from calibrated_samplers.nodes import pack
     pack.register_folder()
     patcher = cs.Patcher()

@@ -6,10 +6,12 @@ import torch
 
 from calibrated_samplers.calibration import Calibration, calibrate, load
 from calibrated_samplers.calibration import file as F
-from calibrated_samplers.calibration.engine import _Run, _Teacher
+from calibrated_samplers.calibration.engine import _Run
 from calibrated_samplers.calibration.file import CalibrationFileError, CalibrationSet
 from calibrated_samplers.calibration.library import Library
-from calibrated_samplers.calibration.ranges import SharedTeacher, calibrate_range, denoise_schedule
+from calibrated_samplers.calibration.entries import denoise_schedule
+from calibrated_samplers.calibration.ranges import calibrate_range
+from calibrated_samplers.calibration.teacher import SharedTeacher, Teacher
 from calibrated_samplers.calibration.requests import (RequestError, check_entries, parse_cfgs, parse_denoises,
                                                       parse_steps)
 from calibrated_samplers.calibration.testbed import testbed as bundled
@@ -122,7 +124,7 @@ def test_the_shared_teacher_is_as_close_to_the_exact_flow_as_each_schedule_own_t
     assert shared.evaluations < sum(6 * (len(s) - 1) for s in schedules)  # what three own teachers cost
     for sig in schedules:
         run = _Run(mix, sig, start, conditions, shared_family(), 8, 0.25, None, None, None)
-        own = _Teacher(run, "dpmpp_2m", 6, {})
+        own = Teacher(run, "dpmpp_2m", 6, {})
         for i in range(len(sig) - 1):
             own.advance(i, range(len(run.chunks)))
         exact = SAMPLERS["iia_edm"]  # Heun on 400 steps of the same span stands in for the exact flow

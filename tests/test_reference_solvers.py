@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from calibrated_samplers.samplers import SAMPLERS
-from calibrated_samplers.samplers._core import Family, adams_bashforth
+from calibrated_samplers.samplers.core import Family, adams_bashforth
 from calibrated_samplers.samplers.gddim import step_coefficients
 from calibrated_samplers.calibration.testbed.analytic import GaussianMixture, karras
 

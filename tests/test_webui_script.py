@@ -253,7 +253,7 @@ def test_a_range_calibration_serves_other_steps_cfgs_and_both_web_ui_denoise_cut
     """more_steps / cfg_list / denoise_list through the web UI's job: one file; img2img and hires fix cut a schedule
     differently for the same steps and denoise, and both are fitted; a hires pass finds its entry."""
     from calibrated_samplers.calibration.file import CalibrationSet
-    from calibrated_samplers.calibration.ranges import denoise_schedule, img2img_schedule
+    from calibrated_samplers.calibration.entries import denoise_schedule, img2img_schedule
     sd = forge_model(0)
     noise = cs.MIXTURE.noise(12, seed=2, dtype=torch.float32)
     spread = {"steps": [4, 5], "cfgs": [2.0, 3.0], "denoises": [1.0, 0.5]}
