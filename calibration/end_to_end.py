@@ -337,6 +337,37 @@ class Stage:
         with torch.inference_mode(False), torch.enable_grad():
             return self._optimise(optimizer, max_rounds)
 
+    def _optimizer(self, optimizer, params):
+        if optimizer == "lbfgs":
+            return torch.optim.LBFGS(params, lr=1.0, max_iter=self.eval_every, history_size=20,
+                                     line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
+        timing = ("gaps", "end")  # the time steps learn sigma_lr times faster (module docstring: Schedule)
+        groups = [{"params": [v for k, v in self.learn.leaves.items() if k not in timing], "scale": 1.0},
+                  {"params": [v for k, v in self.learn.leaves.items() if k in timing], "scale": self.sigma_lr}]
+        return torch.optim.Adam([dict(g, lr=(self.lr or 0.0) * g["scale"]) for g in groups if g["params"]],
+                                betas=(0.9, 0.99))
+
+    def _adam_step(self, opt, gen, queue):
+        """One Adam step on a minibatch (the rate measured at the first); False where the gradient is not finite."""
+        chunks = self.fit if self.batch is None or self.batch >= self.n_fit else self._minibatch(gen, queue)
+        opt.zero_grad(set_to_none=True)
+        self.last_loss = self.gradient(chunks) ** 2
+        if not self._finite(grads=True):
+            return False
+        if self.lr is None:
+            self.lr = self.measured_lr(chunks, opt.param_groups)
+            for group in opt.param_groups:
+                group["lr"] = group["scale"] * self.lr
+        if self.budget is not None:  # cosine decay over the budget: large steps first, a settled end
+            decay = 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.budget)))
+            for group in opt.param_groups:
+                group["lr"] = group["scale"] * self.lr * decay
+        opt.step()
+        self.steps += 1
+        if self.progress is not None:
+            self.progress(self.spent)
+        return True
+
     def _optimise(self, optimizer, max_rounds):
         """See optimise.
 
@@ -355,15 +386,8 @@ class Stage:
         self.history.append({"round": 0, "held_out_rmse": _rmse(start), "spent": self.spent})
         if not params:  # nothing to learn (a schedule too short to move, and no parameters asked for)
             max_rounds = 0
-        elif optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=self.eval_every, history_size=20,
-                                    line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
         else:
-            timing = ("gaps", "end")
-            groups = [{"params": [v for k, v in self.learn.leaves.items() if k not in timing], "scale": 1.0},
-                      {"params": [v for k, v in self.learn.leaves.items() if k in timing], "scale": self.sigma_lr}]
-            opt = torch.optim.Adam([dict(g, lr=(self.lr or 0.0) * g["scale"]) for g in groups if g["params"]],
-                                   betas=(0.9, 0.99))
+            opt = self._optimizer(optimizer, params)
         gen, queue = torch.Generator().manual_seed(0), []
 
         def closure():
@@ -376,24 +400,7 @@ class Stage:
             return torch.tensor(self.last_loss)
 
         def adam_step():
-            chunks = self.fit if self.batch is None or self.batch >= self.n_fit else self._minibatch(gen, queue)
-            opt.zero_grad(set_to_none=True)
-            self.last_loss = self.gradient(chunks) ** 2
-            if not self._finite(grads=True):
-                return False
-            if self.lr is None:
-                self.lr = self.measured_lr(chunks, opt.param_groups)
-                for group in opt.param_groups:
-                    group["lr"] = group["scale"] * self.lr
-            if self.budget is not None:  # cosine decay over the budget: large steps first, a settled end
-                decay = 0.5 * (1 + math.cos(math.pi * min(1.0, self.spent / self.budget)))
-                for group in opt.param_groups:
-                    group["lr"] = group["scale"] * self.lr * decay
-            opt.step()
-            self.steps += 1
-            if self.progress is not None:
-                self.progress(self.spent)
-            return True
+            return self._adam_step(opt, gen, queue)
 
         rnd = 0
         # Adam with a budget: a held-out check each 1/checks of it, so the checks cost the same share whatever the

@@ -22,6 +22,7 @@ in float64, so the peak memory of the model side does not grow with the batch.
 """
 import math
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -454,6 +455,248 @@ def _best_variant(model, sigmas, sampler, noise, extra_args, progress, settings,
 
 
 # --------------------------------------------------------------------------------------------------
+# The stages of calibrate(): each reads and extends the calibration's state ``st``; one that returns a
+# Calibration ends the calibration with it
+# --------------------------------------------------------------------------------------------------
+
+def _checked(sampler, sigmas, noise, extra_args, settings):
+    """The sampler's registry entry, the sigmas as a tensor and the conditions, after checking the arguments."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; calibrated samplers are "
+                         f"{sorted(n for n, f in SAMPLERS.items() if f.kind != 'plain')}")
+    fn = SAMPLERS[sampler]
+    if fn.kind == "plain":
+        raise ValueError(f"{sampler} needs no calibration: its coefficients come from the schedule itself")
+    if settings["target"] not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {settings['target']!r}")
+    if int(settings["fine_steps"]) < 1:
+        raise ValueError(f"fine_steps must be at least 1, got {settings['fine_steps']}")
+    holdout = settings["holdout"]
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if settings["learn_sigmas"] not in (True, False, "interior"):
+        raise ValueError(f"learn_sigmas must be True, False or 'interior', got {settings['learn_sigmas']!r}")
+    if int(settings["chunk_size"]) < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {settings['chunk_size']}")
+    if not torch.is_tensor(noise) or noise.ndim < 2:
+        raise ValueError("noise must be a batch tensor (N, ...) of initial states scaled to sigmas[0]")
+    if not torch.is_tensor(sigmas):
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    conditions = list(extra_args) if isinstance(extra_args, (list, tuple)) else [extra_args or {}]
+    conditions = [c if c is not None else {} for c in conditions]
+    if not conditions:
+        raise ValueError("extra_args is an empty list: give at least one condition (or None)")
+    check_request(batch_size=int(noise.shape[0]), prompts=len(conditions), holdout=holdout)
+    return fn, sigmas, conditions
+
+
+def _raised_start(st):
+    """Start from a raised last positive sigma where the plain solver ends closer to the teacher (_raised_end)."""
+    if (st.end_to_end and st.validate and st.holdout > 0 and st.learn_sigmas is True and st.shared_teacher is None
+            and float(st.sigmas[-1]) == 0 and len(st.sigmas) >= 3):
+        with torch.no_grad():
+            st.sigmas, st.start_schedule = _raised_end(
+                st.model, st.sigmas, st.noise, st.conditions, st.fam, st.sampler, st.fn.base, int(st.fine_steps),
+                st.holdout, int(st.chunk_size), st.storage_device, st.cancel, st.sigma_min, st.options)
+
+
+def _plan(st):
+    """The batch's run, which stages will run, their progress units and the teacher."""
+    st.afs = bool(st.options.get("afs", False))
+    st.solver_options = {k: v for k, v in st.options.items() if k not in ("afs", "basis")}
+    run = st.run = _Run(st.model, st.sigmas, st.noise, st.conditions, st.fam, int(st.chunk_size), st.holdout,
+                        st.storage_device, st.progress, st.cancel,
+                        None if st.sigma_min is None else float(st.sigma_min))
+    if st.start_schedule is not None:
+        run.sample_evaluations += st.start_schedule.pop("sample_evaluations")
+        run.model_calls += st.start_schedule.pop("model_calls")
+    n_chunks = len(run.chunks)
+    st.held = held = [j for j, ch in enumerate(run.chunks) if ch.held_out]
+    st.end_to_end = bool(st.end_to_end and st.validate and held and (st.learn_params or st.learn_sigmas))
+    # schedule-only (LD3-style) runs keep the base solver's parameters
+    st.sequential = sequential = st.learn_params or not st.end_to_end
+    if st.fn.kind == "iia":
+        st.variant = VARIANT_BY_NAME[st.sampler].with_basis(st.options.get("basis"))
+        st.depth = st.variant.max_depth if st.history is None else int(st.history)
+        if not 0 <= st.depth <= st.variant.max_depth:
+            raise ValueError(f"{st.sampler} supports history depth 0 to {st.variant.max_depth}, got {st.depth}")
+    ends_in_zero = 1 if run.sig[-1] == 0 else 0
+    if not sequential:
+        units = 0
+    elif st.fn.kind == "iia":
+        units = run.n_steps * n_chunks
+    else:  # search, refine and advance per step; the step into sigma = 0 only advances
+        units = (3 * run.n_steps - 2 * ends_in_zero) * n_chunks
+    st.teacher_chunks = n_chunks if (st.target == "trajectory" and sequential) or st.end_to_end else (
+        len(held) if st.validate else 0)
+    n_candidates = (len(STRENGTHS) if sequential else 1) + (1 if st.user_options != st.options else 0)
+    run.total = units + run.n_steps * st.teacher_chunks + (n_candidates * len(held) if st.validate else 0)
+    run.total += E2E_UNITS if st.end_to_end else 0
+    st.raised = st.start_schedule is not None and not torch.equal(run.sigmas.cpu().to(torch.float64), st.requested)
+    run.total += len(held) if st.raised else 0  # the final check of the plain solver on the requested schedule
+    if st.shared_teacher is not None and (st.target != "trajectory" or not st.shared_teacher.covers(run.sig)):
+        st.shared_teacher = None
+    st.teacher = (Teacher(run, st.fn.base, int(st.fine_steps), st.options) if st.shared_teacher is None
+                  else SharedView(run, st.shared_teacher))
+    st.fit_info, st.scales = {}, {}
+    st.before = st.after = st.fallback = None
+    st.endpoint, st.strength, st.sample_sigmas = None, 1.0, None
+
+
+def _per_step_fit(st):
+    """Each step's parameters fitted in turn to the teacher (or the base solver's, for a schedule-only fit)."""
+    run, kind = st.run, st.fn.kind
+    with torch.no_grad():
+        if not st.sequential:
+            st.params = _base_params(kind, run.n_steps, st.variant.columns(0) if kind == "iia" else None)
+        elif kind == "iia":
+            st.params, st.before, st.after, st.fallback = _fit_iia(
+                run, st.variant, st.teacher, st.target, st.depth, st.ridge, st.solver_options, st.fit_info,
+                st.scales, st.afs)
+        else:
+            st.params, st.before, st.after, st.fallback = _fit_amed(
+                run, st.sampler, st.teacher, st.target, st.afs, st.solver_options, st.fit_info)
+        if st.teacher_chunks and len(st.teacher.states) < st.teacher_chunks:  # endpoints the fit did not need
+            for i in range(run.n_steps):
+                st.teacher.advance(i, range(len(run.chunks)) if st.end_to_end else st.held)
+
+
+def _strength_check(st):
+    """The fit scaled towards the base solver (and the plain sampler as asked), judged on the held-out noises."""
+    if not (st.validate and st.held):
+        return
+    with torch.no_grad():
+        candidates = [(strength, st.options) for strength in (STRENGTHS if st.sequential else (0.0,))]
+        if st.user_options != st.options:  # the plain sampler as the user would run it is a candidate too
+            candidates.append((0.0, st.user_options))
+        errors = _endpoint_check(st.run, st.sampler, st.params, st.fn.kind, st.teacher.endpoint(), candidates,
+                                 st.fam)
+        st.endpoint = [{"strength": strength, "options": dict(opts), "rmse": e}
+                       for (strength, opts), e in zip(candidates, errors)]
+        best = min(range(len(candidates)), key=lambda k: (errors[k], -candidates[k][0]))
+        st.strength, st.options = candidates[best]
+        if st.strength != 1.0:
+            st.params = _scaled(st.params, st.fn.kind, st.strength)
+        if st.strength == 0.0 and st.fallback is not None:
+            st.fallback = torch.ones_like(st.fallback)
+
+
+def _end_to_end(st):
+    """Every step's parameters (and the time steps) learned jointly through the sampler (end_to_end.py).
+
+    calibrate()'s keywords for it:
+    ``end_to_end``: after the per-step fit, learn all steps' parameters jointly through the sampler and the
+    model against the teacher's endpoint (end_to_end.py; needs ``validate`` and a held-out share).
+    ``learn_sigmas``: let that stage move the time steps too (the file then samples on them): every sigma between
+    the first and the last, and into sigma = 0 the last positive one as well (never below ``sigma_min``);
+    ``"interior"`` keeps the last positive sigma as requested. With ``True`` (and no ``shared_teacher``) the fit
+    also starts from a raised last positive sigma where the plain solver ends closer to the teacher on a probe of
+    fit noises (``_raised_end``; ``info["start_schedule"]``); the file then samples on its own schedule.
+    ``learn_params=False``: keep the sampler's own parameters at the base solver's (no per-step fit); with
+    ``learn_sigmas`` only the time steps are learned (an LD3-style schedule for the plain solver).
+    ``budget``: model-evaluation equivalents per noise that stage may spend (a backward pass counts two;
+    default ``BUDGET_FACTOR`` times what the per-step fit spent); ``time_limit``: seconds, optional.
+    ``optimizer``: "adam" (``fit_batch`` fit noises per step, by default a share of the fit noises that keeps the
+    number of steps whatever the batch (``end_to_end.default_batch``: 16 from 192 fit noises up, 2 from 24 down;
+    ``"all"``: every fit noise), ``learning_rate`` decayed over the budget) or
+    "lbfgs" (full batch). ``learning_rate``: None (the default) measures Adam's rate on the model itself, the rate
+    at which its first step moves the fit noises' endpoints by ``step_fraction`` (default
+    ``end_to_end.STEP_FRACTION``) of their error against the teacher (a fixed rate is too large on one model and too
+    small on another); a number fixes it.
+    """
+    if not st.end_to_end:
+        return
+    run = st.run
+    sequential_cost = run.sample_evaluations / st.noise.shape[0]
+    if st.shared_teacher is not None:
+        sequential_cost += st.shared_teacher.dedicated_cost(run.n_steps)
+    limit = BUDGET_FACTOR * sequential_cost if st.budget is None else float(st.budget)
+    # the learned last positive sigma stays above the model's sigma_min or, for a model defined at every sigma,
+    # the requested one: a raised start may come back down, never below what the user's schedule allows
+    requested = st.requested
+    floor = run.sigma_min if run.sigma_min is not None else (float(requested[-2]) if len(requested) > 2 else None)
+    learn = E.Learnable(st.fn.kind, st.params, run.sig, learn_params=st.learn_params,
+                        learn_sigmas=bool(st.learn_sigmas), scales=st.scales.get("coeffs"), device=run.device,
+                        floor=floor, learn_end=st.learn_sigmas != "interior")
+    start = run.done
+    stage = E.Stage(run, st.sampler, st.options, learn, st.teacher.endpoint(), lr=st.learning_rate,
+                    batch=st.fit_batch,
+                    step_fraction=E.STEP_FRACTION if st.step_fraction is None else st.step_fraction,
+                    budget=limit, time_limit=st.time_limit,
+                    progress=lambda spent: run.tick_to(start + min(E2E_UNITS, int(E2E_UNITS * spent / limit))))
+    e2e = st.fit_info["end_to_end"] = stage.optimise(st.optimizer)
+    e2e.update(budget=round(limit, 2), learn_sigmas=learn.learn_sigmas, learn_params=bool(st.learn_params),
+               start_evaluations_per_sample=round(sequential_cost, 2))
+    run.tick_to(start + E2E_UNITS)
+    if e2e["best_round"] > 0:
+        st.params, st.sample_sigmas = learn.values()
+        if st.fallback is not None:
+            st.fallback = _unchanged_steps(st.params, st.fn.kind)
+    st.endpoint = (st.endpoint or []) + [{"stage": "end_to_end", "options": dict(st.options),
+                                          "rmse": e2e["held_out_rmse"]}]
+
+
+def _requested_check(st):
+    """The base a calibration must never end worse than is the plain solver on the schedule the user asked for,
+    not only on the raised one the probe (on fit noises) preferred: the same held-out noises judge both."""
+    if not st.raised:
+        return None
+    run, start_schedule = st.run, st.start_schedule
+    with torch.no_grad():
+        plain = _endpoint_check(run, st.sampler, st.params, st.fn.kind, st.teacher.endpoint(),
+                                [(0.0, st.user_options)], st.fam, st.requested)[0]
+    start_schedule["requested_held_out_rmse"] = plain
+    start_schedule["kept_requested"] = plain < st.fit_info["end_to_end"]["held_out_rmse"]
+    if start_schedule["kept_requested"] and not st.learn_params:  # a schedule-only fit: the plain solver as asked
+        st.params, st.sample_sigmas = _base_params(st.fn.kind, run.n_steps, _columns(st.params)), None
+        st.options, st.strength = st.user_options, 0.0
+    elif start_schedule["kept_requested"]:
+        # the raise did worse: fit the requested schedule step by step instead (its own held-out check keeps it
+        # no worse than that plain solver); the progress bar has reached its end and waits for it
+        cal = calibrate(st.model, st.asked, st.sampler, st.noise, st.extra_args,
+                        **dict(st.settings, end_to_end=False), **st.user_options)
+        per_sample = run.sample_evaluations / st.noise.shape[0]
+        cal.info["start_schedule"] = start_schedule
+        cal.info["raised_attempt"] = {"end_to_end": st.fit_info["end_to_end"],
+                                      "model_evaluations_per_sample": per_sample}
+        cal.info["model_evaluations_per_sample"] += per_sample
+        cal.info["model_calls"] += run.model_calls
+        cal.info["seconds"] = round(time.perf_counter() - st.started, 3)
+        return cal
+    return None
+
+
+STAGES = (_raised_start, _plan, _per_step_fit, _strength_check, _end_to_end, _requested_check)
+
+
+def _calibration_file(st):
+    """The Calibration the stages made, with what they recorded."""
+    run, noise = st.run, st.noise
+    meta = dict(st.info or {})
+    meta.update({
+        "fine_steps": int(st.fine_steps), "target": st.target,
+        "teacher": f"{st.fn.base} x {int(st.fine_steps)} sub-steps"
+        + (" (shared with the other step counts)" if st.shared_teacher is not None else ""),
+        "sigma_min": st.sigma_min,
+        "batch": int(noise.shape[0]), "conditions": len(st.conditions), "holdout": st.holdout,
+        "chunk_size": int(st.chunk_size), "model_evaluations_per_sample": run.sample_evaluations / noise.shape[0],
+        "model_calls": run.model_calls, "seconds": round(time.perf_counter() - st.started, 3),
+        "strength": st.strength, "endpoint_rmse_held_out": st.endpoint,
+        **st.fit_info,
+    })
+    if st.fn.kind == "iia":
+        meta["history"] = st.variant.depth(st.params["coeffs"].shape[1])
+    sample_sigmas = st.sample_sigmas
+    if st.start_schedule is not None:
+        meta["start_schedule"] = st.start_schedule
+        if sample_sigmas is None and st.raised and not st.start_schedule["kept_requested"]:
+            sample_sigmas = run.sigmas.detach().cpu().to(torch.float64)
+    return Calibration(st.sampler, st.requested, st.params, family=st.fam.name, shift=st.fam.shift,
+                       options=st.options, info=meta, sample_sigmas=sample_sigmas, residual_before=st.before,
+                       residual_after=st.after, fallback=st.fallback)
+
+
+# --------------------------------------------------------------------------------------------------
 # Public entry
 # --------------------------------------------------------------------------------------------------
 
@@ -475,25 +718,9 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     teacher's step into sigma = 0 is sub-stepped down to it and ends there as the sampler's last step does;
     None for a model defined at every sigma.
     ``storage_device``: where per-sample states wait between chunks (e.g. "cpu" to spare GPU memory).
-    ``end_to_end``: after the per-step fit, learn all steps' parameters jointly through the sampler and the
-    model against the teacher's endpoint (end_to_end.py; needs ``validate`` and a held-out share).
-    ``learn_sigmas``: let that stage move the time steps too (the file then samples on them): every sigma between
-    the first and the last, and into sigma = 0 the last positive one as well (never below ``sigma_min``);
-    ``"interior"`` keeps the last positive sigma as requested. With ``True`` (and no ``shared_teacher``) the fit
-    also starts from a raised last positive sigma where the plain solver ends closer to the teacher on a probe of
-    fit noises (``_raised_end``; ``info["start_schedule"]``); the file then samples on its own schedule.
-    ``learn_params=False``: keep the sampler's own parameters at the base solver's (no per-step fit); with
-    ``learn_sigmas`` only the time steps are learned (an LD3-style schedule for the plain solver).
-    ``budget``: model-evaluation equivalents per noise that stage may spend (a backward pass counts two;
-    default ``BUDGET_FACTOR`` times what the per-step fit spent); ``time_limit``: seconds, optional.
-    ``optimizer``: "adam" (``fit_batch`` fit noises per step, by default a share of the fit noises that keeps the
-    number of steps whatever the batch (``end_to_end.default_batch``: 16 from 192 fit noises up, 2 from 24 down;
-    ``"all"``: every fit noise), ``learning_rate`` decayed over the budget) or
-    "lbfgs" (full batch). ``learning_rate``: None (the default) measures Adam's rate on the model itself, the rate
-    at which its first step moves the fit noises' endpoints by ``step_fraction`` (default
-    ``end_to_end.STEP_FRACTION``) of their error against the teacher (a fixed rate is too large on one model and too
-    small on another); a number fixes it.
-    ``shared_teacher``: a ranges.SharedTeacher that already solved from these initial states through this
+    ``end_to_end``, ``learn_params``, ``learn_sigmas``, ``budget``, ``time_limit``, ``optimizer``, ``fit_batch``,
+    ``learning_rate``, ``step_fraction``: the end-to-end stage after the per-step fit (``_end_to_end``).
+    ``shared_teacher``: a teacher.SharedTeacher that already solved from these initial states through this
     schedule's sigmas (with ``target="trajectory"``): the fit reads its targets there instead of solving again;
     the default budget still counts the teacher a dedicated calibration would have run.
     ``progress(done, total)`` and ``cancel() -> bool`` are called between chunks. ``info``: extra metadata
@@ -506,34 +733,8 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                     time_limit=time_limit, optimizer=optimizer, learning_rate=learning_rate, fit_batch=fit_batch,
                     step_fraction=step_fraction,
                     storage_device=storage_device, cancel=cancel, info=info, shared_teacher=shared_teacher)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; calibrated samplers are "
-                         f"{sorted(n for n, f in SAMPLERS.items() if f.kind != 'plain')}")
-    fn = SAMPLERS[sampler]
-    if fn.kind == "plain":
-        raise ValueError(f"{sampler} needs no calibration: its coefficients come from the schedule itself")
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if int(fine_steps) < 1:
-        raise ValueError(f"fine_steps must be at least 1, got {fine_steps}")
-    if not 0 <= holdout < 1:
-        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
-    if learn_sigmas not in (True, False, "interior"):
-        raise ValueError(f"learn_sigmas must be True, False or 'interior', got {learn_sigmas!r}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    if not torch.is_tensor(noise) or noise.ndim < 2:
-        raise ValueError("noise must be a batch tensor (N, ...) of initial states scaled to sigmas[0]")
-    if not torch.is_tensor(sigmas):
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    conditions = list(extra_args) if isinstance(extra_args, (list, tuple)) else [extra_args or {}]
-    conditions = [c if c is not None else {} for c in conditions]
-    if not conditions:
-        raise ValueError("extra_args is an empty list: give at least one condition (or None)")
-    check_request(batch_size=int(noise.shape[0]), prompts=len(conditions), holdout=holdout)
-    fam = Family.of(family, shift)
-    requested = sigmas.detach().cpu().to(torch.float64)
-    user_options = dict(options)
+    fn, sigmas, conditions = _checked(sampler, sigmas, noise, extra_args, settings)
+    user_options = dict(options)  # as the user asked: the plain sampler the fit must beat runs with these
     if sampler == "amed_ipndm" and "variable_step" not in options:
         # learned intermediate times make the refined grid non-uniform, where iPNDM's fixed weights (which
         # assume equal steps) can corrupt the next steps' extrapolation; exact variable-step weights fix that
@@ -543,146 +744,16 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
             return _best_variant(model, sigmas, sampler, noise, extra_args, progress, dict(settings, **options),
                                  [{"variable_step": True}, {"variable_step": False}])
         options["variable_step"] = True
-    afs = bool(options.get("afs", False))
-    solver_options = {k: v for k, v in options.items() if k not in ("afs", "basis")}
-    started = time.perf_counter()
-    start_schedule, asked = None, sigmas
-    if (end_to_end and validate and holdout > 0 and learn_sigmas is True and shared_teacher is None
-            and float(sigmas[-1]) == 0 and len(sigmas) >= 3):
-        with torch.no_grad():
-            sigmas, start_schedule = _raised_end(model, sigmas, noise, conditions, fam, sampler, fn.base,
-                                                 int(fine_steps), holdout, int(chunk_size), storage_device, cancel,
-                                                 sigma_min, options)
-    run = _Run(model, sigmas, noise, conditions, fam, int(chunk_size), holdout, storage_device, progress, cancel,
-               None if sigma_min is None else float(sigma_min))
-    if start_schedule is not None:
-        run.sample_evaluations += start_schedule.pop("sample_evaluations")
-        run.model_calls += start_schedule.pop("model_calls")
-    n_chunks = len(run.chunks)
-    held = [j for j, ch in enumerate(run.chunks) if ch.held_out]
-    end_to_end = bool(end_to_end and validate and held and (learn_params or learn_sigmas))
-    sequential = learn_params or not end_to_end  # schedule-only (LD3-style) runs keep the base solver's parameters
-    if fn.kind == "iia":
-        variant = VARIANT_BY_NAME[sampler].with_basis(options.get("basis"))
-        depth = variant.max_depth if history is None else int(history)
-        if not 0 <= depth <= variant.max_depth:
-            raise ValueError(f"{sampler} supports history depth 0 to {variant.max_depth}, got {depth}")
-    ends_in_zero = 1 if run.sig[-1] == 0 else 0
-    if not sequential:
-        units = 0
-    elif fn.kind == "iia":
-        units = run.n_steps * n_chunks
-    else:  # search, refine and advance per step; the step into sigma = 0 only advances
-        units = (3 * run.n_steps - 2 * ends_in_zero) * n_chunks
-    teacher_chunks = n_chunks if (target == "trajectory" and sequential) or end_to_end else (
-        len(held) if validate else 0)
-    n_candidates = (len(STRENGTHS) if sequential else 1) + (1 if user_options != options else 0)
-    run.total = units + run.n_steps * teacher_chunks + (n_candidates * len(held) if validate else 0)
-    run.total += E2E_UNITS if end_to_end else 0
-    raised = start_schedule is not None and not torch.equal(run.sigmas.cpu().to(torch.float64), requested)
-    run.total += len(held) if raised else 0  # the final check of the plain solver on the requested schedule
-    if shared_teacher is not None and (target != "trajectory" or not shared_teacher.covers(run.sig)):
-        shared_teacher = None
-    teacher = (Teacher(run, fn.base, int(fine_steps), options) if shared_teacher is None
-               else SharedView(run, shared_teacher))
-    fit_info, scales = {}, {}
-    before = after = fallback = None
-    with torch.no_grad():
-        if not sequential:
-            params = _base_params(fn.kind, run.n_steps, variant.columns(0) if fn.kind == "iia" else None)
-        elif fn.kind == "iia":
-            params, before, after, fallback = _fit_iia(run, variant, teacher, target, depth, ridge,
-                                                       solver_options, fit_info, scales, afs)
-        else:
-            params, before, after, fallback = _fit_amed(run, sampler, teacher, target, afs, solver_options,
-                                                        fit_info)
-        if teacher_chunks and len(teacher.states) < teacher_chunks:  # teacher endpoints the fit did not need
-            for i in range(run.n_steps):
-                teacher.advance(i, range(n_chunks) if end_to_end else held)
-        endpoint, strength = None, 1.0
-        if validate and held:
-            candidates = [(st, options) for st in (STRENGTHS if sequential else (0.0,))]
-            if user_options != options:  # the plain sampler as the user would run it is a candidate too
-                candidates.append((0.0, user_options))
-            errors = _endpoint_check(run, sampler, params, fn.kind, teacher.endpoint(), candidates, fam)
-            endpoint = [{"strength": st, "options": dict(opts), "rmse": e}
-                        for (st, opts), e in zip(candidates, errors)]
-            strength, options = candidates[min(range(len(candidates)), key=lambda k: (errors[k], -candidates[k][0]))]
-            if strength != 1.0:
-                params = _scaled(params, fn.kind, strength)
-            if strength == 0.0 and fallback is not None:
-                fallback = torch.ones_like(fallback)
-    sample_sigmas = None
-    if end_to_end:
-        sequential_cost = run.sample_evaluations / noise.shape[0]
-        if shared_teacher is not None:
-            sequential_cost += shared_teacher.dedicated_cost(run.n_steps)
-        limit = BUDGET_FACTOR * sequential_cost if budget is None else float(budget)
-        # the learned last positive sigma stays above the model's sigma_min or, for a model defined at every sigma,
-        # the requested one: a raised start may come back down, never below what the user's schedule allows
-        floor = run.sigma_min if run.sigma_min is not None else (float(requested[-2]) if len(requested) > 2 else None)
-        learn = E.Learnable(fn.kind, params, run.sig, learn_params=learn_params, learn_sigmas=bool(learn_sigmas),
-                            scales=scales.get("coeffs"), device=run.device, floor=floor,
-                            learn_end=learn_sigmas != "interior")
-        start = run.done
-        stage = E.Stage(run, sampler, options, learn, teacher.endpoint(), lr=learning_rate, batch=fit_batch,
-                        step_fraction=E.STEP_FRACTION if step_fraction is None else step_fraction,
-                        budget=limit, time_limit=time_limit,
-                        progress=lambda spent: run.tick_to(start + min(E2E_UNITS, int(E2E_UNITS * spent / limit))))
-        fit_info["end_to_end"] = stage.optimise(optimizer)
-        fit_info["end_to_end"].update(budget=round(limit, 2), learn_sigmas=learn.learn_sigmas,
-                                      learn_params=bool(learn_params),
-                                      start_evaluations_per_sample=round(sequential_cost, 2))
-        run.tick_to(start + E2E_UNITS)
-        if fit_info["end_to_end"]["best_round"] > 0:
-            params, sample_sigmas = learn.values()
-            if fallback is not None:
-                fallback = _unchanged_steps(params, fn.kind)
-        endpoint = (endpoint or []) + [{"stage": "end_to_end", "options": dict(options),
-                                        "rmse": fit_info["end_to_end"]["held_out_rmse"]}]
-    if raised:
-        # the base a calibration must never end worse than is the plain solver on the schedule the user asked for,
-        # not only on the raised one the probe (on fit noises) preferred: the same held-out noises judge both
-        with torch.no_grad():
-            plain = _endpoint_check(run, sampler, params, fn.kind, teacher.endpoint(), [(0.0, user_options)], fam,
-                                    requested)[0]
-        start_schedule["requested_held_out_rmse"] = plain
-        start_schedule["kept_requested"] = plain < fit_info["end_to_end"]["held_out_rmse"]
-        if start_schedule["kept_requested"] and not learn_params:  # a schedule-only fit: the plain solver as asked
-            params, sample_sigmas = _base_params(fn.kind, run.n_steps, _columns(params)), None
-            options, strength = user_options, 0.0
-        elif start_schedule["kept_requested"]:
-            # the raise did worse: fit the requested schedule step by step instead (its own held-out check keeps it
-            # no worse than that plain solver); the progress bar has reached its end and waits for it
-            cal = calibrate(model, asked, sampler, noise, extra_args, **dict(settings, end_to_end=False),
-                            **user_options)
-            cal.info["start_schedule"] = start_schedule
-            cal.info["raised_attempt"] = {"end_to_end": fit_info["end_to_end"],
-                                          "model_evaluations_per_sample": run.sample_evaluations / noise.shape[0]}
-            cal.info["model_evaluations_per_sample"] += run.sample_evaluations / noise.shape[0]
-            cal.info["model_calls"] += run.model_calls
-            cal.info["seconds"] = round(time.perf_counter() - started, 3)
-            return cal
-    elapsed = time.perf_counter() - started
-    meta = dict(info or {})
-    meta.update({
-        "fine_steps": int(fine_steps), "target": target, "teacher": f"{fn.base} x {int(fine_steps)} sub-steps"
-        + (" (shared with the other step counts)" if shared_teacher is not None else ""),
-        "sigma_min": sigma_min,
-        "batch": int(noise.shape[0]), "conditions": len(conditions), "holdout": holdout,
-        "chunk_size": int(chunk_size), "model_evaluations_per_sample": run.sample_evaluations / noise.shape[0],
-        "model_calls": run.model_calls, "seconds": round(elapsed, 3), "strength": strength,
-        "endpoint_rmse_held_out": endpoint,
-        **fit_info,
-    })
-    if fn.kind == "iia":
-        meta["history"] = variant.depth(params["coeffs"].shape[1])
-    if start_schedule is not None:
-        meta["start_schedule"] = start_schedule
-        if sample_sigmas is None and raised and not start_schedule["kept_requested"]:
-            sample_sigmas = run.sigmas.detach().cpu().to(torch.float64)
-    return Calibration(sampler, requested, params, family=fam.name, shift=fam.shift, options=options, info=meta,
-                       sample_sigmas=sample_sigmas, residual_before=before, residual_after=after, fallback=fallback)
+    st = SimpleNamespace(**settings, settings=settings, model=model, sampler=sampler, fn=fn, noise=noise,
+                         extra_args=extra_args, conditions=conditions, progress=progress,
+                         fam=Family.of(family, shift), asked=sigmas, sigmas=sigmas,
+                         requested=sigmas.detach().cpu().to(torch.float64), user_options=user_options,
+                         options=options, started=time.perf_counter(), start_schedule=None)
+    for stage in STAGES:
+        done = stage(st)
+        if done is not None:  # the stage made the whole calibration (a recheck that fitted another schedule)
+            return done
+    return _calibration_file(st)
 
 
 def _base_params(kind, n_steps, columns=None):

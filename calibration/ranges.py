@@ -29,25 +29,8 @@ def _noised(x0, noise, sigma, family):
     return Family.of(family).alpha(float(sigma)) * x0 + float(sigma) * noise
 
 
-def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(8,), cfgs=(None,), denoises=(1.0,),
-                    with_cfg=None, data=None, noise_scaling=None, denoise_rules=(denoise_schedule,), family=None,
-                    shift=None, fine_steps=10, share_teacher=True,
-                    chunk_size=32, holdout=0.25, sigma_min=None, progress=None, cancel=None, info=None, **settings):
-    """Fit ``sampler`` at every step count in ``steps``, denoise in ``denoises`` and cfg in ``cfgs``; returns a
-    CalibrationSet (or the one Calibration when there is a single entry).
-
-    ``schedule(n)``: the n-step sigmas of the scheduler the user samples with (denoise is applied here, as
-    ComfyUI does: ``denoise_schedule``). ``noise``: unit-normal noise (N, ...), scaled here to each schedule's
-    first sigma. ``with_cfg(cfg) -> (model, extra_args)``: the model and conditions at a cfg (default: ``model``
-    and ``extra_args`` whatever the cfg, which is then only recorded). ``data``: clean latents (N, ...) for
-    denoise below 1 (default: the model's own samples). ``noise_scaling(sigma, noise, image)``: a run's start
-    state (default alpha(sigma) * image + sigma * noise; ComfyUI's model_sampling.noise_scaling scales pure noise at
-    the schedule's maximum sigma differently). ``denoise_rules``: how a UI cuts a schedule for denoise below 1
-    (``denoise_schedule``: ComfyUI and hires fix; ``img2img_schedule``: the web UIs' img2img); each distinct
-    schedule they give is an entry. ``share_teacher``: one teacher solve per cfg for all
-    full-denoise step counts. The remaining keywords are ``calibrate``'s, used for every entry; each entry's
-    ``info`` records its cfg, steps and denoise.
-    """
+def _checked(sampler, steps, denoises, cfgs, afs):
+    """The step counts (ascending), denoise values (descending) and cfgs (in order, once each), after checking."""
     steps = sorted({int(n) for n in steps})
     denoises = sorted({1.0 if d is None else float(d) for d in denoises}, reverse=True)
     cfgs = list(dict.fromkeys(None if c is None else float(c) for c in cfgs))
@@ -55,9 +38,31 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
         raise ValueError(f"steps must be whole numbers of at least 1, got {steps}")
     if not denoises or not all(0 < d <= 1 for d in denoises):
         raise ValueError(f"denoise values must be in (0, 1], got {denoises}")
-    check_afs(denoises, settings.get("afs"))
+    check_afs(denoises, afs)
     if SAMPLERS.get(sampler) is None or SAMPLERS[sampler].kind == "plain":
         raise ValueError(f"{sampler!r} is not a calibrated sampler")
+    return steps, denoises, cfgs
+
+
+def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(8,), cfgs=(None,), denoises=(1.0,),
+                    with_cfg=None, data=None, noise_scaling=None, denoise_rules=(denoise_schedule,), family=None,
+                    shift=None, fine_steps=10, share_teacher=True, chunk_size=32, holdout=0.25, sigma_min=None,
+                    progress=None, cancel=None, info=None, **settings):
+    """Fit ``sampler`` at every step count in ``steps``, denoise in ``denoises`` and cfg in ``cfgs``; returns a
+    CalibrationSet (or the one Calibration when there is a single entry).
+
+    ``schedule(n)``: the n-step sigmas of the scheduler the user samples with (denoise is applied here, as ComfyUI
+    does: ``denoise_schedule``). ``noise``: unit-normal noise (N, ...), scaled here to each schedule's first sigma.
+    ``with_cfg(cfg) -> (model, extra_args)``: the model and conditions at a cfg (default: ``model`` and ``extra_args``
+    whatever the cfg, which is then only recorded). ``data``: clean latents (N, ...) for denoise below 1 (default: the
+    model's own samples). ``noise_scaling(sigma, noise, image)``: a run's start state (default alpha(sigma) * image +
+    sigma * noise; ComfyUI's model_sampling.noise_scaling scales pure noise at the schedule's maximum sigma
+    differently). ``denoise_rules``: how a UI cuts a schedule for denoise below 1 (``denoise_schedule``: ComfyUI and
+    hires fix; ``img2img_schedule``: the web UIs' img2img); each distinct schedule they give is an entry.
+    ``share_teacher``: one teacher solve per cfg for all full-denoise step counts. The remaining keywords are
+    ``calibrate``'s, used for every entry; each entry's ``info`` records its cfg, steps and denoise.
+    """
+    steps, denoises, cfgs = _checked(sampler, steps, denoises, cfgs, settings.get("afs"))
     fam = Family.of(family, shift)
     noise = noise.detach()
     first_args = extra_args if with_cfg is None or cfgs[0] is None else with_cfg(cfgs[0])[1]
@@ -77,8 +82,7 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
         return None if progress is None else (lambda a, b: progress(done[0] * 1000 + int(1000 * a / max(b, 1)),
                                                                      total * 1000))
 
-    entries, shared_evaluations, dedicated_teacher = [], 0.0, 0.0
-    per_sample = 0.0
+    entries, shared_evaluations, dedicated_teacher, per_sample = [], 0.0, 0.0, 0.0
     for cfg in cfgs:
         m, args = (model, extra_args) if with_cfg is None or cfg is None else with_cfg(cfg)
         conditions = list(args) if isinstance(args, (list, tuple)) else [args or {}]
@@ -93,14 +97,13 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
         for d, n, sig in schedules:
             if cancel is not None and cancel():
                 raise CalibrationCancelled("calibration cancelled; nothing was saved")
-            if d < 1.0:
-                if clean is None:
-                    clean = _clean_latents(m, conditions, noise, schedule, steps, entries, cfg, sampler, fam,
-                                           fine_steps, chunk_size, data, holdout, start)
-                    per_sample += clean[1]
-                states = start(sig[0], noise.roll(1, 0), clean[0])
-            else:
-                states = start(sig[0], noise, torch.zeros_like(noise))
+            if d < 1.0 and clean is None:
+                clean = _clean_latents(m, conditions, noise, schedule, steps, entries, cfg, sampler, fam,
+                                       fine_steps, chunk_size, data, holdout, start)
+                per_sample += clean[1]
+            # below full denoise: a clean image (``data`` or the model's own) re-noised with other noise than made it
+            states = (start(sig[0], noise.roll(1, 0), clean[0]) if d < 1.0 else
+                      start(sig[0], noise, torch.zeros_like(noise)))
             use = teacher if (teacher is not None and d == 1.0 and teacher.covers(sig)) else None
             meta = dict(info or {}, cfg=cfg, steps=n, denoise=d)
             cal = calibrate(m, sig, sampler, states, conditions, family=fam.name, shift=fam.shift,

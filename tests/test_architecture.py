@@ -159,3 +159,19 @@ def test_the_checks_find_a_cycle_hidden_in_a_function_and_a_private_reach(toy):
     assert any("e.py:1: module samplers._core" in f for f in found)
     assert any("run.py:1: calibration.d._secret" in f for f in found)
     assert len(found) == 3
+
+
+def function_lengths(root, packages=PACKAGES):
+    """{'path:name': lines} for every function of ``packages``, its docstring included."""
+    out = {}
+    for m, path in _modules(root, packages).items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                out[f"{os.path.relpath(path, root)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    return out
+
+
+def test_functions_stay_short_enough_to_read():
+    lengths = function_lengths(ROOT)
+    assert lengths["calibration/engine.py:calibrate"] < 60  # a pipeline of stages (engine.STAGES)
+    assert {name: n for name, n in lengths.items() if n > 80} == {}
