@@ -399,9 +399,6 @@ class Stage:
                 self.progress(self.spent)
             return torch.tensor(self.last_loss)
 
-        def adam_step():
-            return self._adam_step(opt, gen, queue)
-
         rnd = 0
         # Adam with a budget: a held-out check each 1/checks of it, so the checks cost the same share whatever the
         # batch; otherwise (or L-BFGS) one every eval_every iterations
@@ -412,12 +409,12 @@ class Stage:
                 opt.step(closure)
             elif every is None:
                 for _ in range(self.eval_every):
-                    if self._out_of_budget(started) or not adam_step():
+                    if self._out_of_budget(started) or not self._adam_step(opt, gen, queue):
                         break
             else:
                 due = min(self.budget, self.history[-1]["spent"] + every)
                 while self.spent < due and not self._out_of_budget(started):
-                    if not adam_step():
+                    if not self._adam_step(opt, gen, queue):
                         break
             if not self._finite():  # diverged (a step far too large): the latest accepted check so far stands
                 break

@@ -28,11 +28,16 @@ def _modules(root, packages):
     return mods
 
 
-def _imports(name, path):
+def _tree(path):
+    with open(path, encoding="utf-8") as f:
+        return ast.parse(f.read())
+
+
+def _imports(name, path, tree=None):
     """(target module, imported names, node) for every import of the pack in the file, by its dotted name in the
     pack (relative imports resolved; ``calibrated_samplers.x`` read as ``x``)."""
     package = name.split(".") if path.endswith("__init__.py") else name.split(".")[:-1]
-    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+    for node in ast.walk(tree or _tree(path)):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[:len(package) - node.level + 1]
@@ -103,8 +108,8 @@ def private_reaches(root, packages=PACKAGES + OUTSIDE):
     mods = _modules(root, PACKAGES)
     out = []
     for m, path in _modules(root, packages).items():
-        aliases = set()
-        for target, names, bound, node in _imports(m, path):
+        aliases, tree = set(), _tree(path)
+        for target, names, bound, node in _imports(m, path, tree):
             where = f"{os.path.relpath(path, root)}:{node.lineno}"
             if any(_private(p) for p in target.split(".")):
                 out.append(f"{where}: module {target}")
@@ -115,7 +120,7 @@ def private_reaches(root, packages=PACKAGES + OUTSIDE):
                     aliases.add(b)
             if isinstance(node, ast.Import):
                 aliases.update(bound)
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and _private(node.attr) and isinstance(node.value, ast.Name)
                     and node.value.id in aliases):
                 out.append(f"{os.path.relpath(path, root)}:{node.lineno}: {node.value.id}.{node.attr}")
@@ -165,7 +170,7 @@ def function_lengths(root, packages=PACKAGES):
     """{'path:name': lines} for every function of ``packages``, its docstring included."""
     out = {}
     for m, path in _modules(root, packages).items():
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        for node in ast.walk(_tree(path)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 out[f"{os.path.relpath(path, root)}:{node.name}"] = node.end_lineno - node.lineno + 1
     return out
