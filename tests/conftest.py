@@ -13,6 +13,10 @@ if os.path.realpath(os.path.dirname(calibrated_samplers.__file__)) != os.path.re
         f"calibrated_samplers imports from {calibrated_samplers.__file__}, not this checkout ({ROOT}): "
         "run `pip install -e .` here (bash .ci/run does)")
 
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # pytest-xdist (.ci/run): share the cores out, not one thread pool per core in every worker
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 @pytest.fixture(scope="session")
 def K():
