@@ -62,6 +62,17 @@ def test_runtime_dependencies_are_torch_numpy_safetensors():
     assert calibrated_samplers.__version__ == meta["project"]["version"]
 
 
+def test_every_package_folder_is_installed():
+    """A subpackage missing from pyproject's list imports from a checkout but not from an installed wheel."""
+    listed = set(tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]["packages"])
+    found = set()
+    for folder in ("samplers", "calibration", "nodes", "tests"):
+        for dirpath, dirs, files in os.walk(os.path.join(ROOT, folder)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            if "__init__.py" in files:
+                found.add("calibrated_samplers." + os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
+    assert "calibrated_samplers.calibration.kinds" in found and found <= listed, sorted(found - listed)
+
 def test_nothing_outside_tests_imports_tests():
     """The product and the benchmarks use calibration.testbed (models, mixture, k-diffusion loader), not tests/."""
     for folder in ("samplers", "calibration", "nodes", "scripts", "benchmarks"):
