@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK = "calibrated_samplers"
 # the library and its adapters; the pack's root __init__ (ComfyUI's entry point, which only defines __version__ and,
 # inside ComfyUI, loads nodes/) is the top of the graph, not a module of it
-PACKAGES = ("samplers", "calibration", "nodes", "scripts")
+PACKAGES = ("samplers", "calibration", "hosts", "nodes", "scripts")
 # scripts that import the pack from outside: only their private-name reach is checked
 OUTSIDE = ("benchmarks",)
 

@@ -37,7 +37,7 @@ def test_libraries_import_only_torch_numpy_and_themselves():
     # extras, imported only inside the functions that need them (with a clear error when absent): matplotlib for
     # the CLI's plot command; scikit-learn's bundled digits and PIL's image grid for the testbed's benchmarks
     extras = {"matplotlib", "sklearn", "PIL"}
-    for folder in ("samplers", "calibration"):
+    for folder in ("samplers", "calibration", "hosts"):
         for f, names, level in imported_modules(folder):
             for name in names:
                 if level == 0:  # absolute imports: only the runtime dependencies and the standard library
@@ -66,7 +66,7 @@ def test_every_package_folder_is_installed():
     """A subpackage missing from pyproject's list imports from a checkout but not from an installed wheel."""
     listed = set(tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]["packages"])
     found = set()
-    for folder in ("samplers", "calibration", "nodes", "tests"):
+    for folder in ("samplers", "calibration", "hosts", "nodes", "tests"):
         for dirpath, dirs, files in os.walk(os.path.join(ROOT, folder)):
             dirs[:] = [d for d in dirs if d != "__pycache__"]
             if "__init__.py" in files:
@@ -75,7 +75,7 @@ def test_every_package_folder_is_installed():
 
 def test_nothing_outside_tests_imports_tests():
     """The product and the benchmarks use calibration.testbed (models, mixture, k-diffusion loader), not tests/."""
-    for folder in ("samplers", "calibration", "nodes", "scripts", "benchmarks"):
+    for folder in ("samplers", "calibration", "hosts", "nodes", "scripts", "benchmarks"):
         for f, names, level in imported_modules(folder):
             for name in names:
                 parts = name.split(".")
