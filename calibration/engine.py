@@ -30,7 +30,7 @@ import torch
 from ..samplers import SAMPLERS, Family
 from ..samplers.core import Denoiser, prepare, sigma_list
 from . import end_to_end as E
-from .batch import CalibrationCancelled, split_chunks, split_sizes
+from .batch import check_cancel, split_chunks, split_sizes
 from .file import Calibration
 from .kinds import KINDS
 from .kinds.base import flat
@@ -105,8 +105,7 @@ class _Run:
             self.tick()
 
     def check_cancel(self):
-        if self.cancel is not None and self.cancel():
-            raise CalibrationCancelled("calibration cancelled; nothing was saved")
+        check_cancel(self.cancel)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_cli_runs_with_the_tests_package_unimportable(tmp_path):
 def test_the_packs_exceptions_have_a_short_stable_type_name():
     """ComfyUI shows ``module + '.' + qualname`` (execution.full_type_name); a custom node's module is its folder's
     file-system path, so every exception a user can meet names the pack instead."""
-    from calibrated_samplers.calibration.engine import CalibrationCancelled
+    from calibrated_samplers.calibration import CalibrationCancelled
     from calibrated_samplers.calibration.file import CalibrationFileError
     from calibrated_samplers.calibration.library import ModelMismatch
     from calibrated_samplers.calibration.requests import RequestError
