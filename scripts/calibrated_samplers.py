@@ -102,10 +102,18 @@ def pending_job(method):
 
 
 def model_sigma_min(model):
-    """The smallest sigma of the denoiser the web UI hands a sampler (A1111's and Forge's k-diffusion wrappers
-    both say it), or None: the fit's teacher ends there as the sampler's last step does (hosts' docstring)."""
-    sigma_min = getattr(getattr(model, "inner_model", None), "sigma_min", None)
-    return None if sigma_min is None else float(sigma_min)
+    """The smallest sigma of the denoiser the web UI hands a sampler, or None: the fit's teacher ends there as the
+    sampler's last step does (hosts' docstring). A1111's CFG denoiser holds a k-diffusion wrapper that says it; Forge's
+    wrapper (ForgeScheduleLinker) calls its predictor's ``sigma_min``, a property there, and raises, so the
+    predictor is read directly."""
+    wrapper = getattr(model, "inner_model", None)
+    source = getattr(wrapper, "predictor", wrapper)
+    try:
+        sigma_min = getattr(source, "sigma_min", None)
+        sigma_min = sigma_min() if callable(sigma_min) else sigma_min
+        return None if sigma_min is None else float(sigma_min)
+    except (TypeError, ValueError, RuntimeError):  # not one number: the model is taken as defined at every sigma
+        return None
 
 
 def make_sampler(name, library, env):

@@ -220,15 +220,24 @@ def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_
 
 def test_the_fit_ends_where_the_web_uis_denoiser_is_defined(script):
     """As in ComfyUI, the teacher stops at the model's smallest sigma: A1111's and Forge's CFG denoisers hold a
-    k-diffusion wrapper (``inner_model``) that says it; a denoiser without one is taken as defined at every sigma."""
+    k-diffusion wrapper (``inner_model``) that says it (Forge's through its predictor); a denoiser without one is
+    taken as defined at every sigma."""
+    class ForgeScheduleLinker:  # as Forge's k_diffusion/external.py has it: its own sigma_min raises
+        def __init__(self, sigma_min):
+            self.predictor = types.SimpleNamespace(sigma_min=torch.tensor(sigma_min))
+
+        @property
+        def sigma_min(self):
+            return self.predictor.sigma_min()
+
     sd = forge_model(0)
     recorded = []
-    for sigma_min in (0.0292, None):
+    for wrapper in (types.SimpleNamespace(sigma_min=torch.tensor(0.0292)), ForgeScheduleLinker(0.0146), None):
         job = hosts.Job("iia_ddim", cs.MIXTURE.noise(8, seed=2, dtype=torch.float32), ["cat"],
                         {"fine_steps": 2, "end_to_end": False}, {"seed": 2})
         model = CFGModel(4)
-        if sigma_min is not None:
-            model.inner_model = types.SimpleNamespace(sigma_min=torch.tensor(sigma_min))
+        if wrapper is not None:
+            model.inner_model = wrapper
         script._pending.job = job
         try:
             x = cs.MIXTURE.noise(4, seed=3, dtype=torch.float32) * float(SIGMAS[0])
@@ -236,7 +245,7 @@ def test_the_fit_ends_where_the_web_uis_denoiser_is_defined(script):
         finally:
             script._pending.job = None
         recorded.append(job.result.info["sigma_min"])
-    assert recorded[0] == pytest.approx(0.0292) and recorded[1] is None
+    assert recorded[0] == pytest.approx(0.0292) and recorded[1] == pytest.approx(0.0146) and recorded[2] is None
 
 
 def test_an_afs_job_writes_a_file_whose_runs_make_one_model_call_fewer(script, tmp_path):
