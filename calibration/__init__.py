@@ -5,7 +5,8 @@
 writes the safetensors file and ``load(path)`` reads and validates one. ``python -m
 calibrated_samplers.calibration --help`` is the command line (calibrate, inspect, plot).
 """
-from .engine import CalibrationCancelled, calibrate
+from .batch import CalibrationCancelled
+from .engine import calibrate
 from .file import Calibration, CalibrationFileError, load
 
 __all__ = ["calibrate", "Calibration", "CalibrationCancelled", "CalibrationFileError", "load"]

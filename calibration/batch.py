@@ -8,6 +8,12 @@ class CalibrationCancelled(RuntimeError):
     __module__ = "calibrated_samplers"  # what UIs print as its type: short and the same wherever the pack lives
 
 
+def check_cancel(cancel):
+    """Raise CalibrationCancelled when the ``cancel`` callback (or None) asks to stop."""
+    if cancel is not None and cancel():
+        raise CalibrationCancelled("calibration cancelled; nothing was saved")
+
+
 def take_records(records, sl, device):
     """Each record's tensors sliced to ``sl`` and moved to ``device``."""
     return [{k: (v[sl].to(device) if torch.is_tensor(v) else v) for k, v in r.items()} for r in records]

@@ -47,9 +47,8 @@ import torch
 
 from ..samplers import SAMPLERS
 from ..samplers.core import Denoiser, integrate
-from ..samplers.amed import DEFAULTS as AMED_DEFAULTS
+from .kinds import KINDS
 
-R_BOUNDS = (0.02, 1.0)
 # Adam's first step moves the fit noises' endpoints by this share of their error (Stage.measured_lr). Chosen on
 # digits-eps (cfg 1, 6 evaluations, 256 noises; benchmarks/stage-traces/): 0.02, 0.1, 0.3, 1 gave test RMSE 0.0249,
 # 0.0239, 0.0240, 0.0217, the old fixed rate 0.02 (7x this fraction there) 0.0230
@@ -80,21 +79,15 @@ class Learnable:
             self._build(kind, params, sig, learn_params, learn_sigmas, scales, device, floor, learn_end)
 
     def _build(self, kind, params, sig, learn_params, learn_sigmas, scales, device, floor, learn_end):
-        self.kind, self.device = kind, torch.device(device)
+        self.kind, self.device = KINDS[kind] if isinstance(kind, str) else kind, torch.device(device)
         self.start = {k: None if v is None else v.detach().to(self.device, torch.float64).clone()
                       for k, v in params.items()}
         self.sig = [float(s) for s in sig]
         self.leaves = {}
+        # per step (IIA): the change of the parameters per unit of the free numbers
+        self.scale = None if scales is None else scales.to(self.device, torch.float64).clone()
         if learn_params:
-            if kind == "iia":
-                self.scale = scales.to(self.device, torch.float64).clone()  # per step: change per unit of delta
-                self.leaves["coeffs"] = torch.zeros_like(self.start["coeffs"])
-                if self.start.get("a") is None:
-                    self.start["a"] = torch.ones(len(self.sig) - 1, dtype=torch.float64, device=self.device)
-                self.leaves["a"] = torch.zeros_like(self.start["a"])
-            else:
-                for k in ("r", "c", "a"):
-                    self.leaves[k] = torch.zeros_like(self.start[k])
+            self.leaves.update(self.kind.leaves(self.start, self.scale, self.device))
         # sigma_0 and the final sigma stay; the points between move. Into sigma = 0 the last positive sigma moves
         # too (the last step only denoises, and where it starts matters at few steps), kept above ``floor``
         self.last = len(self.sig) - (2 if self.sig[-1] == 0 else 1)
@@ -120,14 +113,7 @@ class Learnable:
     def materialize(self):
         """(params, sig) for the sampler's stepper: tensors that carry gradients to the leaves."""
         L = self.leaves
-        if self.kind == "iia":
-            params = ({"coeffs": self.start["coeffs"] + torch.einsum("ikl,il->ik", self.scale, L["coeffs"]),
-                       "a": self.start["a"] * L["a"].exp()} if "coeffs" in L else self.start)
-        elif "r" in L:
-            params = {"r": (self.start["r"] + L["r"]).clamp(*R_BOUNDS), "c": self.start["c"] + L["c"],
-                      "a": self.start["a"] * L["a"].exp()}
-        else:
-            params = self.start
+        params = self.kind.materialize(self.start, L, self.scale)
         if not self.learn_sigmas:
             return params, self.sig
         fractions = torch.softmax(L["gaps"], 0).cumsum(0)
@@ -157,26 +143,6 @@ class Learnable:
         with torch.no_grad():
             for k, v in state.items():
                 self.leaves[k].copy_(v)
-
-
-def iia_scales(step_rms, gram, floor=1e-3):
-    """Per step, the matrix M with coeffs = start + M @ delta: a unit change of delta in any direction moves the
-    step's result by its own displacement's RMS (the basis is whitened by its mean Gram matrix ``gram``, so
-    nearly collinear vectors, such as the x0 predictions of neighbouring steps, do not make the problem
-    ill-conditioned). Coefficients whose basis vector never exists get a zero row and column."""
-    n_steps, k, _ = gram.shape
-    out = torch.zeros_like(gram)
-    for i in range(n_steps):
-        live = gram[i].diagonal() > 0
-        if not live.any():
-            continue
-        G = gram[i][live][:, live]
-        lam, U = torch.linalg.eigh(G)
-        lam = lam + floor * float(lam.max())  # directions the data barely determine are damped, not amplified
-        M = U @ torch.diag(lam.rsqrt()) @ U.T * step_rms[i]
-        idx = live.nonzero().flatten()
-        out[i][idx[:, None], idx[None, :]] = M
-    return out
 
 
 class Stage:
@@ -451,11 +417,6 @@ def significantly_lower(errors, start, margin):
     if diff.numel() < 2:
         return bool(diff.sum() > 0)
     return bool(diff.mean() > margin * diff.std() / math.sqrt(diff.numel()))
-
-
-def amed_defaults_of(params):
-    """Boolean per step: the AMED parameters are exactly the defaults (the base update)."""
-    return (params["r"] == AMED_DEFAULTS["r"]) & (params["c"] == AMED_DEFAULTS["c"]) & (params["a"] == AMED_DEFAULTS["a"])
 
 
 def normal_weights(module):

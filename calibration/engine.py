@@ -1,4 +1,5 @@
-"""Fitting a calibration: IIA coefficients by least squares, AMED (r, c, a) by search with c in closed form.
+"""Fitting a calibration: the stages of ``calibrate()`` (``STAGES``); each kind's own per-step fit is in ``kinds/``
+(IIA coefficients by least squares, AMED (r, c, a) by search with c in closed form).
 
 Both fits walk the schedule once, step by step, along the *calibrated* trajectory (later steps are fitted on
 the states sampling will see). At step i every noise takes the sampler's step and is compared with a target:
@@ -27,20 +28,16 @@ from types import SimpleNamespace
 import torch
 
 from ..samplers import SAMPLERS, Family
-from ..samplers import amed as A
-from ..samplers import base as B
-from ..samplers.core import Denoiser, HISTORY_KEPT, prepare, remember, sigma_list
-from ..samplers.iia import VARIANT_BY_NAME, AnalyticFirst
+from ..samplers.core import Denoiser, prepare, sigma_list
 from . import end_to_end as E
-from .batch import CalibrationCancelled, join_records, split_chunks, split_sizes, take_records
+from .batch import check_cancel, split_chunks, split_sizes
 from .file import Calibration
+from .kinds import KINDS
+from .kinds.base import flat
 from .teacher import SharedView, Teacher
 from .requests import check_request
 
 TARGETS = ("trajectory", "local")
-RIDGES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-AMED_R = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
-AMED_REFINE = ((-0.05, 0.9), (-0.05, 1.0), (-0.05, 1.1), (0.0, 0.9), (0.0, 1.1), (0.05, 0.9), (0.05, 1.0), (0.05, 1.1))
 STRENGTHS = (1.0, 0.75, 0.5, 0.25, 0.0)
 BUDGET_FACTOR = 8.0  # the end-to-end stage's default budget, in multiples of the per-step fit's evaluations
 E2E_UNITS = 100  # progress units of the end-to-end stage (its length is known only as a budget)
@@ -49,10 +46,6 @@ E2E_UNITS = 100  # progress units of the end-to-end stage (its length is known o
 # --------------------------------------------------------------------------------------------------
 # Per-sample state kept for the whole batch, worked on chunk by chunk
 # --------------------------------------------------------------------------------------------------
-
-def _flat(t):
-    return t.reshape(t.shape[0], -1).to(torch.float64)
-
 
 class _CachedDenoiser(Denoiser):
     """Remembers the evaluation at this step's own sigma, which every AMED candidate shares."""
@@ -112,232 +105,12 @@ class _Run:
             self.tick()
 
     def check_cancel(self):
-        if self.cancel is not None and self.cancel():
-            raise CalibrationCancelled("calibration cancelled; nothing was saved")
-
-
-# --------------------------------------------------------------------------------------------------
-# IIA: per-step least squares
-# --------------------------------------------------------------------------------------------------
-
-class _Gram:
-    """sum <g_k, g_l>, sum <g_k, rho>, sum |rho|^2 and the sample count, in float64."""
-
-    def __init__(self, k):
-        self.G = torch.zeros(k, k, dtype=torch.float64)
-        self.r = torch.zeros(k, dtype=torch.float64)
-        self.yy = 0.0
-        self.n = 0
-        self.dim = 1
-
-    def add(self, g, rho):  # g: (B, K, D), rho: (B, D)
-        self.G += torch.einsum("bkd,bld->kl", g, g).cpu()
-        self.r += torch.einsum("bkd,bd->k", g, rho).cpu()
-        self.yy += float(rho.pow(2).sum())
-        self.n += rho.shape[0]
-        self.dim = rho.shape[1]
-
-    def mse(self, c):
-        """Mean squared residual per element after subtracting sum c_k g_k."""
-        if self.n == 0:
-            return float("nan")
-        return max(self.yy - 2 * float(c @ self.r) + float(c @ self.G @ c), 0.0) / (self.n * self.dim)
-
-
-def _solve(gram, ridge):
-    k = gram.G.shape[0]
-    scale = float(gram.G.diagonal().mean()) or 1.0
-    return torch.linalg.solve(gram.G + ridge * scale * torch.eye(k, dtype=torch.float64), gram.r)
-
-
-def _fit_iia(run, variant, teacher, target, depth, ridge, options, fit_info, scales, afs=False):
-    step_fn = B.BASE_STEPS[variant.base][0]
-    n_coeffs = variant.columns(depth)
-    coeffs = torch.zeros(run.n_steps, n_coeffs, dtype=torch.float64)
-    before = torch.zeros(run.n_steps, dtype=torch.float64)
-    after = torch.zeros(run.n_steps, dtype=torch.float64)
-    fallback = torch.zeros(run.n_steps, dtype=torch.float64)
-    ridges = []
-    hist = []
-    step_rms = torch.zeros(run.n_steps, dtype=torch.float64)
-    gram = torch.zeros(run.n_steps, n_coeffs, n_coeffs, dtype=torch.float64)
-    for i in range(run.n_steps):
-        targets = teacher.advance(i, range(len(run.chunks))) if target == "trajectory" else None
-        fit, held = _Gram(n_coeffs), _Gram(n_coeffs)
-        x_base, records, live = [], [], None
-        moved = 0.0
-        for j, ch in enumerate(run.chunks):
-            x = run.x[ch.sl].to(run.device)
-            h = take_records(hist, ch.sl, run.device)
-            ev = run.denoiser(ch, x)
-            xb, q = step_fn(AnalyticFirst(ev, run.family) if (afs and i == 0) else ev, x, i, run.sig, h, run.family,
-                            **options)
-            y = targets[j].to(run.device) if targets is not None else teacher.local(i, x, h, ev)
-            run.count(ev, ch)
-            basis = variant.basis(q, h, run.family, depth)
-            live = [k for k, g in enumerate(basis) if g is not None]
-            g = torch.zeros(ch.n, n_coeffs, _flat(xb).shape[1], dtype=torch.float64, device=run.device)
-            for k in live:
-                g[:, k] = _flat(basis[k])
-            (held if ch.held_out else fit).add(g, _flat(y - xb))
-            moved += float(_flat(xb - x).pow(2).sum())
-            x_base.append(xb.to(run.storage))
-            records.append(take_records([q], slice(None), run.storage))
-            run.tick()
-        step_rms[i] = math.sqrt(moved / (run.x0.numel()))
-        gram[i] = (fit.G + held.G) / run.x0.numel()
-        c = torch.zeros(n_coeffs, dtype=torch.float64)
-        chosen = None
-        if live:
-            sub = _Gram(len(live))
-            sub.G, sub.r, sub.yy, sub.n, sub.dim = fit.G[live][:, live], fit.r[live], fit.yy, fit.n, fit.dim
-            candidates = RIDGES if ridge is None else (ridge,)
-            best = None
-            for lam in candidates:
-                cand = torch.zeros(n_coeffs, dtype=torch.float64)
-                cand[live] = _solve(sub, lam)
-                score = held.mse(cand) if held.n else fit.mse(cand)
-                if best is None or score < best[0]:
-                    best, chosen = (score, cand), lam
-            c = best[1]
-        zero = torch.zeros(n_coeffs, dtype=torch.float64)
-        check = held if held.n else fit
-        before[i], after[i] = check.mse(zero), check.mse(c)
-        if live and not after[i] < before[i]:
-            c, fallback[i], after[i], chosen = zero, 1.0, before[i], None
-        coeffs[i] = c
-        ridges.append(chosen)
-        # advance every noise with the corrected update; the basis is rebuilt from the stored records
-        new_x = []
-        q_all = join_records(records, run.storage)[0]
-        for j, ch in enumerate(run.chunks):
-            xb = x_base[j].to(run.device)
-            if c.abs().sum() > 0:
-                xb = variant.correct(xb, c.tolist(), take_records([q_all], ch.sl, run.device)[0],
-                                     take_records(hist, ch.sl, run.device), run.family, depth, i)
-            new_x.append(xb.to(run.storage))
-        remember(hist, q_all, max(HISTORY_KEPT, depth + 1))
-        run.x = torch.cat(new_x)
-        run.check_cancel()
-    fit_info["ridge"] = ridges
-    scales["coeffs"] = E.iia_scales(step_rms, gram)
-    return {"coeffs": coeffs}, before.sqrt(), after.sqrt(), fallback
-
-
-# --------------------------------------------------------------------------------------------------
-# AMED: (r, a) by search, c in closed form
-# --------------------------------------------------------------------------------------------------
-
-class _Line:
-    """Statistics of x_next = A + c B against a target y: sum |B|^2, <B, y - A>, |y - A|^2, count."""
-
-    def __init__(self):
-        self.bb = self.by = self.yy = 0.0
-        self.n, self.dim = 0, 1
-
-    def add(self, A, Bv, y):
-        rho = _flat(y - A)
-        b = _flat(Bv)
-        self.bb += float(b.pow(2).sum())
-        self.by += float((b * rho).sum())
-        self.yy += float(rho.pow(2).sum())
-        self.n += rho.shape[0]
-        self.dim = rho.shape[1]
-
-    def best_c(self):
-        return self.by / self.bb if self.bb > 0 else 1.0
-
-    def mse(self, c):
-        if self.n == 0:
-            return float("nan")
-        return max(self.yy - 2 * c * self.by + c * c * self.bb, 0.0) / (self.n * self.dim)
-
-
-def _fit_amed(run, method, teacher, target, afs, options, fit_info):
-    kind = "amed" if method == "amed" else SAMPLERS[method].base
-    defaults = (A.DEFAULTS["r"], A.DEFAULTS["c"], A.DEFAULTS["a"])
-    table = {k: torch.zeros(run.n_steps, dtype=torch.float64) for k in ("r", "c", "a")}
-    before = torch.zeros(run.n_steps, dtype=torch.float64)
-    after = torch.zeros(run.n_steps, dtype=torch.float64)
-    fallback = torch.zeros(run.n_steps, dtype=torch.float64)
-    hist = []
-    searched = []
-    for i in range(run.n_steps):
-        s, s_next = run.sig[i], run.sig[i + 1]
-        targets = teacher.advance(i, range(len(run.chunks))) if target == "trajectory" else None
-        first = []  # this step's own evaluation per chunk, shared by every candidate
-        ys = []
-        for j, ch in enumerate(run.chunks):
-            x = run.x[ch.sl].to(run.device)
-            ev = run.denoiser(ch, x)
-            D = A.afs_denoised(x, s, run.family) if (afs and i == 0) else ev(x, s)
-            y = targets[j] if targets is not None else teacher.local(
-                i, x, take_records(hist, ch.sl, run.device), ev).to(run.storage)
-            run.count(ev, ch)
-            first.append(D.to(run.storage))
-            ys.append(y)
-
-        def evaluate(candidates):
-            stats = {rc: (_Line(), _Line()) for rc in candidates}
-            for j, ch in enumerate(run.chunks):
-                x = run.x[ch.sl].to(run.device)
-                h = take_records(hist, ch.sl, run.device)
-                ev = run.denoiser(ch, x, cached=(s, x, first[j].to(run.device)))
-                y = ys[j].to(run.device)
-                for r, a in candidates:
-                    A_, B_, _ = A.amed_parts(kind, ev, x, i, run.sig, h, run.family, r, a, afs, **options)
-                    stats[(r, a)][1 if ch.held_out else 0].add(A_, B_, y)
-                run.count(ev, ch)
-                run.tick()
-            return stats
-
-        if s_next == 0:  # a plain base step: nothing to fit, its residual is measured below
-            r, c, a = defaults
-        else:
-            stats = evaluate([(r, 1.0) for r in AMED_R])
-            r0 = min(AMED_R, key=lambda r: stats[(r, 1.0)][0].mse(stats[(r, 1.0)][0].best_c()))
-            refine = [(min(max(r0 + dr, 0.02), 1.0), a) for dr, a in AMED_REFINE]
-            stats.update(evaluate([rc for rc in refine if rc not in stats]))
-            (r, a), (fit, held) = min(stats.items(), key=lambda kv: kv[1][0].mse(kv[1][0].best_c()))
-            c = fit.best_c()
-            base_fit, base_held = stats[(defaults[0], defaults[2])]
-            check_base, check = (base_held, held) if held.n else (base_fit, fit)
-            before[i], after[i] = check_base.mse(defaults[1]), check.mse(c)
-            searched.append(len(stats))
-            if not after[i] < before[i]:
-                r, c, a = defaults
-                fallback[i], after[i] = 1.0, before[i]
-        table["r"][i], table["c"][i], table["a"][i] = r, c, a
-        new_x, recs, last = [], [], (_Line(), _Line())
-        for j, ch in enumerate(run.chunks):
-            x = run.x[ch.sl].to(run.device)
-            ev = run.denoiser(ch, x, cached=(s, x, first[j].to(run.device)))
-            A_, B_, records = A.amed_parts(kind, ev, x, i, run.sig, take_records(hist, ch.sl, run.device), run.family,
-                                           r, a, afs, **options)
-            run.count(ev, ch)
-            if B_ is None:
-                last[1 if ch.held_out else 0].add(A_, torch.zeros_like(A_), ys[j].to(run.device))
-            new_x.append((A_ if B_ is None else A_ + c * B_).to(run.storage))
-            recs.append(take_records(records, slice(None), run.storage))
-            run.tick()
-        if s_next == 0:
-            before[i] = after[i] = (last[1] if last[1].n else last[0]).mse(0.0)
-        joined = join_records(recs, run.storage)
-        remember(hist, {"records": joined})
-        run.x = torch.cat(new_x)
-    fit_info["candidates_per_step"] = searched
-    return table, before.sqrt(), after.sqrt(), fallback
+        check_cancel(self.cancel)
 
 
 # --------------------------------------------------------------------------------------------------
 # End-to-end check on the held-out share
 # --------------------------------------------------------------------------------------------------
-
-def _scaled(params, kind, strength):
-    if kind == "iia":
-        return {"coeffs": params["coeffs"] * strength}
-    return {k: A.DEFAULTS[k] + strength * (v - A.DEFAULTS[k]) for k, v in params.items()}
-
 
 def _endpoint_check(run, method, params, kind, teacher_end, candidates, family, sigmas=None):
     """Held-out endpoint RMSE against the teacher for each candidate (strength, options), in order, sampled on the
@@ -347,7 +120,7 @@ def _endpoint_check(run, method, params, kind, teacher_end, candidates, family, 
     sigmas = run.sigmas if sigmas is None else sigmas.to(run.device, run.sigmas.dtype)
     out = []
     for strength, options in candidates:
-        cal = _scaled(params, kind, strength) if strength else None
+        cal = kind.scaled(params, strength) if strength else None
         evaluations = fn.evaluations(sigmas, **options)
         err, count = 0.0, 0
         for ch in held:
@@ -356,7 +129,7 @@ def _endpoint_check(run, method, params, kind, teacher_end, candidates, family, 
                      family=family.name, shift=family.shift, **options)
             run.model_calls += evaluations
             run.sample_evaluations += evaluations * ch.n
-            err += float((_flat(end) - _flat(teacher_end[ch.sl].to(run.device))).pow(2).sum())
+            err += float((flat(end) - flat(teacher_end[ch.sl].to(run.device))).pow(2).sum())
             count += end.numel()
             run.tick()
         out.append(math.sqrt(err / count))
@@ -433,7 +206,7 @@ def _plain_errors(probe, sampler, sig, target, options):
                  shift=probe.family.shift, **options)
         probe.model_calls += evaluations
         probe.sample_evaluations += evaluations * ch.n
-        out.append((_flat(end) - _flat(target[ch.sl].to(probe.device))).pow(2).mean(1).cpu())
+        out.append((flat(end) - flat(target[ch.sl].to(probe.device))).pow(2).mean(1).cpu())
         probe.check_cancel()
     return torch.cat(out)
 
@@ -515,18 +288,8 @@ def _plan(st):
     st.end_to_end = bool(st.end_to_end and st.validate and held and (st.learn_params or st.learn_sigmas))
     # schedule-only (LD3-style) runs keep the base solver's parameters
     st.sequential = sequential = st.learn_params or not st.end_to_end
-    if st.fn.kind == "iia":
-        st.variant = VARIANT_BY_NAME[st.sampler].with_basis(st.options.get("basis"))
-        st.depth = st.variant.max_depth if st.history is None else int(st.history)
-        if not 0 <= st.depth <= st.variant.max_depth:
-            raise ValueError(f"{st.sampler} supports history depth 0 to {st.variant.max_depth}, got {st.depth}")
-    ends_in_zero = 1 if run.sig[-1] == 0 else 0
-    if not sequential:
-        units = 0
-    elif st.fn.kind == "iia":
-        units = run.n_steps * n_chunks
-    else:  # search, refine and advance per step; the step into sigma = 0 only advances
-        units = (3 * run.n_steps - 2 * ends_in_zero) * n_chunks
+    st.kind.setup(st)
+    units = st.kind.fit_units(run.n_steps, n_chunks, 1 if run.sig[-1] == 0 else 0) if sequential else 0
     st.teacher_chunks = n_chunks if (st.target == "trajectory" and sequential) or st.end_to_end else (
         len(held) if st.validate else 0)
     n_candidates = (len(STRENGTHS) if sequential else 1) + (1 if st.user_options != st.options else 0)
@@ -545,17 +308,12 @@ def _plan(st):
 
 def _per_step_fit(st):
     """Each step's parameters fitted in turn to the teacher (or the base solver's, for a schedule-only fit)."""
-    run, kind = st.run, st.fn.kind
+    run = st.run
     with torch.no_grad():
-        if not st.sequential:
-            st.params = _base_params(kind, run.n_steps, st.variant.columns(0) if kind == "iia" else None)
-        elif kind == "iia":
-            st.params, st.before, st.after, st.fallback = _fit_iia(
-                run, st.variant, st.teacher, st.target, st.depth, st.ridge, st.solver_options, st.fit_info,
-                st.scales, st.afs)
+        if st.sequential:
+            st.params, st.before, st.after, st.fallback = st.kind.fit(st)
         else:
-            st.params, st.before, st.after, st.fallback = _fit_amed(
-                run, st.sampler, st.teacher, st.target, st.afs, st.solver_options, st.fit_info)
+            st.params = st.kind.neutral(st)
         if st.teacher_chunks and len(st.teacher.states) < st.teacher_chunks:  # endpoints the fit did not need
             for i in range(run.n_steps):
                 st.teacher.advance(i, range(len(run.chunks)) if st.end_to_end else st.held)
@@ -569,14 +327,14 @@ def _strength_check(st):
         candidates = [(strength, st.options) for strength in (STRENGTHS if st.sequential else (0.0,))]
         if st.user_options != st.options:  # the plain sampler as the user would run it is a candidate too
             candidates.append((0.0, st.user_options))
-        errors = _endpoint_check(st.run, st.sampler, st.params, st.fn.kind, st.teacher.endpoint(), candidates,
+        errors = _endpoint_check(st.run, st.sampler, st.params, st.kind, st.teacher.endpoint(), candidates,
                                  st.fam)
         st.endpoint = [{"strength": strength, "options": dict(opts), "rmse": e}
                        for (strength, opts), e in zip(candidates, errors)]
         best = min(range(len(candidates)), key=lambda k: (errors[k], -candidates[k][0]))
         st.strength, st.options = candidates[best]
         if st.strength != 1.0:
-            st.params = _scaled(st.params, st.fn.kind, st.strength)
+            st.params = st.kind.scaled(st.params, st.strength)
         if st.strength == 0.0 and st.fallback is not None:
             st.fallback = torch.ones_like(st.fallback)
 
@@ -615,7 +373,7 @@ def _end_to_end(st):
     # the requested one: a raised start may come back down, never below what the user's schedule allows
     requested = st.requested
     floor = run.sigma_min if run.sigma_min is not None else (float(requested[-2]) if len(requested) > 2 else None)
-    learn = E.Learnable(st.fn.kind, st.params, run.sig, learn_params=st.learn_params,
+    learn = E.Learnable(st.kind, st.params, run.sig, learn_params=st.learn_params,
                         learn_sigmas=bool(st.learn_sigmas), scales=st.scales.get("coeffs"), device=run.device,
                         floor=floor, learn_end=st.learn_sigmas != "interior")
     start = run.done
@@ -631,7 +389,7 @@ def _end_to_end(st):
     if e2e["best_round"] > 0:
         st.params, st.sample_sigmas = learn.values()
         if st.fallback is not None:
-            st.fallback = _unchanged_steps(st.params, st.fn.kind)
+            st.fallback = st.kind.unchanged_steps(st.params)
     st.endpoint = (st.endpoint or []) + [{"stage": "end_to_end", "options": dict(st.options),
                                           "rmse": e2e["held_out_rmse"]}]
 
@@ -643,12 +401,12 @@ def _requested_check(st):
         return None
     run, start_schedule = st.run, st.start_schedule
     with torch.no_grad():
-        plain = _endpoint_check(run, st.sampler, st.params, st.fn.kind, st.teacher.endpoint(),
+        plain = _endpoint_check(run, st.sampler, st.params, st.kind, st.teacher.endpoint(),
                                 [(0.0, st.user_options)], st.fam, st.requested)[0]
     start_schedule["requested_held_out_rmse"] = plain
     start_schedule["kept_requested"] = plain < st.fit_info["end_to_end"]["held_out_rmse"]
     if start_schedule["kept_requested"] and not st.learn_params:  # a schedule-only fit: the plain solver as asked
-        st.params, st.sample_sigmas = _base_params(st.fn.kind, run.n_steps, _columns(st.params)), None
+        st.params, st.sample_sigmas = st.kind.neutral(st, like=st.params), None
         st.options, st.strength = st.user_options, 0.0
     elif start_schedule["kept_requested"]:
         # the raise did worse: fit the requested schedule step by step instead (its own held-out check keeps it
@@ -684,8 +442,7 @@ def _calibration_file(st):
         "strength": st.strength, "endpoint_rmse_held_out": st.endpoint,
         **st.fit_info,
     })
-    if st.fn.kind == "iia":
-        meta["history"] = st.variant.depth(st.params["coeffs"].shape[1])
+    meta.update(st.kind.file_info(st))
     sample_sigmas = st.sample_sigmas
     if st.start_schedule is not None:
         meta["start_schedule"] = st.start_schedule
@@ -744,7 +501,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
             return _best_variant(model, sigmas, sampler, noise, extra_args, progress, dict(settings, **options),
                                  [{"variable_step": True}, {"variable_step": False}])
         options["variable_step"] = True
-    st = SimpleNamespace(**settings, settings=settings, model=model, sampler=sampler, fn=fn, noise=noise,
+    st = SimpleNamespace(**settings, settings=settings, model=model, sampler=sampler, fn=fn, kind=KINDS[fn.kind], noise=noise,
                          extra_args=extra_args, conditions=conditions, progress=progress,
                          fam=Family.of(family, shift), asked=sigmas, sigmas=sigmas,
                          requested=sigmas.detach().cpu().to(torch.float64), user_options=user_options,
@@ -754,22 +511,3 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
         if done is not None:  # the stage made the whole calibration (a recheck that fitted another schedule)
             return done
     return _calibration_file(st)
-
-
-def _base_params(kind, n_steps, columns=None):
-    """The parameters with which a calibrated sampler is exactly its base solver."""
-    if kind == "iia":
-        return {"coeffs": torch.zeros(n_steps, columns, dtype=torch.float64)}
-    return {k: torch.full((n_steps,), A.DEFAULTS[k], dtype=torch.float64) for k in ("r", "c", "a")}
-
-
-def _columns(params):
-    """IIA's coefficients per step, or None for AMED."""
-    return params["coeffs"].shape[1] if "coeffs" in params else None
-
-
-def _unchanged_steps(params, kind):
-    """1 where a step's parameters are exactly the base update's, else 0."""
-    if kind == "iia":
-        return (params["coeffs"] == 0).all(dim=1).to(torch.float64)
-    return E.amed_defaults_of(params).to(torch.float64)

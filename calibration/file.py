@@ -23,8 +23,8 @@ import torch
 
 from .. import __version__ as PACK_VERSION
 from ..samplers import SAMPLERS, Family
-from ..samplers.iia import VARIANT_BY_NAME
 from .entries import describe_entries, select
+from .kinds import KINDS
 
 FORMAT = "calibrated-samplers"
 FORMAT_VERSION = 2  # 2 adds sample_sigmas; a file without them is still written as 1, which every version reads
@@ -211,22 +211,7 @@ def validate(cal, where="calibration"):
     for k, v in cal.params.items():
         if v.ndim < 1 or v.shape[0] != n or not torch.isfinite(v).all():
             _fail(where, f"parameter {k!r} must hold finite values for each of the {n} steps, got shape {tuple(v.shape)}")
-    if fn.kind == "iia":
-        coeffs = cal.params["coeffs"]
-        if coeffs.ndim != 2:
-            _fail(where, f"coeffs must be (steps, basis) but is {tuple(coeffs.shape)}")
-        try:
-            VARIANT_BY_NAME[cal.method].with_basis(cal.options.get("basis")).depth(coeffs.shape[1])
-        except ValueError as e:
-            _fail(where, str(e))
-        if "a" in cal.params and (cal.params["a"].ndim != 1 or not (cal.params["a"] > 0).all()):
-            _fail(where, "the evaluation time scales 'a' must be one positive number per step")
-    else:
-        for k in ("r", "c", "a"):
-            if cal.params[k].ndim != 1:
-                _fail(where, f"AMED parameter {k!r} must be one number per step")
-        if not ((cal.params["r"] > 0) & (cal.params["r"] <= 1)).all() or not (cal.params["a"] > 0).all():
-            _fail(where, "AMED needs 0 < r <= 1 and a > 0 at every step")
+    KINDS[fn.kind].check(cal, lambda message: _fail(where, message))
     for name in OPTIONAL_TENSORS[1:]:
         t = getattr(cal, name)
         if t is not None and (t.shape != (n,) or not torch.isfinite(t).all()):

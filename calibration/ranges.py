@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..samplers import SAMPLERS, Family
-from .batch import CalibrationCancelled, split_chunks
+from .batch import check_cancel, split_chunks
 from .engine import calibrate
 from .entries import denoise_schedule
 from .file import CalibrationSet
@@ -95,8 +95,7 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
             done[0] += 1
         clean = None
         for d, n, sig in schedules:
-            if cancel is not None and cancel():
-                raise CalibrationCancelled("calibration cancelled; nothing was saved")
+            check_cancel(cancel)
             if d < 1.0 and clean is None:
                 clean = _clean_latents(m, conditions, noise, schedule, steps, entries, cfg, sampler, fam,
                                        fine_steps, chunk_size, data, holdout, start)

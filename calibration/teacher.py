@@ -8,7 +8,7 @@ import torch
 from ..samplers import Family
 from ..samplers import base as B
 from ..samplers.core import HISTORY_KEPT, Denoiser, prepare, remember
-from .batch import CalibrationCancelled, split_chunks, take_records
+from .batch import check_cancel, split_chunks, take_records
 
 
 def sub_grid(a, b, fine_steps, sigma_min=None):
@@ -138,8 +138,7 @@ class SharedTeacher:
             x, hist = x_all[ch.sl], []
             ev = Denoiser(model, x, torch.tensor(self.points, dtype=torch.float64), conditions[ch.group])
             for (a, b), n in zip(zip(self.points, self.points[1:]), sub_steps):
-                if cancel is not None and cancel():
-                    raise CalibrationCancelled("calibration cancelled; nothing was saved")
+                check_cancel(cancel)
                 x, hist = sub_solve(step_fn, ev, x, a, b, n, hist, fam, options, sigma_min)
                 hist = take_records(hist[-HISTORY_KEPT:], slice(None), x.device)
                 self.states[b][ch.sl] = x

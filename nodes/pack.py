@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from .. import hosts
 from ..calibration import CalibrationCancelled, load
 from ..calibration.library import Library
 from ..calibration.picture import residual_image
@@ -14,7 +15,7 @@ from ..calibration.file import CalibrationSet
 from ..calibration.requests import (RequestError, check_entries, check_request, output_path, parse_cfgs,
                                     parse_denoises, parse_steps)
 from ..samplers import CalibrationMismatch
-from .runtime import (FOLDER, CalibrationJob, comfy_noise_scaling, comfy_progress, dropdown_sampler, latent_shape,
+from .runtime import (FOLDER, comfy_noise_scaling, comfy_progress, dropdown_sampler, latent_shape,
                       make_guider, prompt_conds, sample_calibrated, sample_calibration_run, sample_or_calibrate)
 
 log = logging.getLogger("calibrated_samplers")
@@ -109,8 +110,8 @@ def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, b
                    "learn_sigmas": bool(learn_sigmas), "time_limit": 60.0 * max_minutes if max_minutes else None}
     if afs:  # only then: files made without it stay as they were
         fit_options["afs"] = True
-    job = CalibrationJob(method, noise, first, len(pairs), fit_options, info, comfy_progress(),
-                         mm.processing_interrupted, spread=spread)
+    job = hosts.Job(method, noise, len(pairs), fit_options, info, comfy_progress(), mm.processing_interrupted,
+                    spread=spread, first_noise=first)
     guider = make_guider(model, pairs, cfg)
     sampler = comfy.samplers.KSAMPLER(sample_calibration_run, extra_options={"job": job})
     try:

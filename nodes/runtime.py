@@ -9,13 +9,12 @@ import os
 
 import torch
 
-from ..calibration import CalibrationCancelled, calibrate
-from ..calibration.ranges import calibrate_range
+from .. import hosts
+from ..calibration import CalibrationCancelled
 from ..calibration.end_to_end import normal_weights
 from ..calibration.identity import fingerprint, named_weights, tensor_digest
 from ..calibration.file import CalibrationSet
-from ..calibration.library import (cfg_mismatch, check_model, first_use_path, no_match_message, other_size,
-                                   short_no_match, size_note)
+from ..calibration.library import cfg_mismatch, check_model
 from ..samplers import SAMPLERS, CalibrationMismatch, Family
 
 log = logging.getLogger("calibrated_samplers")
@@ -105,23 +104,12 @@ def find_or_warn(name, library, sigmas, family, fingerprint, cfg, fix, fit=None,
     """The saved calibration for a run (latent ``shape`` without the batch), else ``fit()``'s (calibration, path)
     when given; with neither, the run is uncalibrated and the console and the browser say so (``fix``: what to do,
     in the browser's words)."""
-    calibration, path, notes = library.find(name, sigmas, family, fingerprint, cfg, shape)
-    damaged = library.unreported_damage()  # named in the warning below, or once on their own
-    if calibration is not None and fit is not None and other_size(calibration, shape):
-        # first use fits the run's own size: a file fitted at another did measurably worse (library.SIZE_TOLERANCE)
-        log.info("[Calibrated Samplers] %s: %s was fitted at another image size; calibrating this one", name,
-                 os.path.basename(path))
-        calibration = None
-    if calibration is None and fit is not None:
-        calibration, path = fit()
+    calibration, path, notes, warnings = hosts.find(name, library, sigmas, family, fingerprint, cfg, shape, fit)
     if calibration is None:
-        notify(no_match_message(name, SAMPLERS[name].uncalibrated, sigmas, cfg, notes,
-                                HOW_TO_CALIBRATE.format(name=name)),
-               short_no_match(name, sigmas, cfg, notes, fix))
+        notify(*hosts.missing(name, sigmas, cfg, notes, HOW_TO_CALIBRATE.format(name=name), fix))
     else:
         log.info("[Calibrated Samplers] %s: using %s", name, os.path.basename(path))
-        size_warning = size_note(calibration, shape, os.path.basename(path))
-        for warning in damaged + ([size_warning] if size_warning else []):
+        for warning in warnings:
             log.warning(warning)
     return calibration
 
@@ -187,8 +175,8 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
         notify("[Calibrated Samplers] an inpainting run (with a mask) is not calibrated on first use",
                f"{method}: an inpainting run is not calibrated on first use; it runs uncalibrated.")
         return None, None
-    g = torch.Generator().manual_seed(int(extra.get("seed") or 0))
-    noise = torch.randn((int(batch_size),) + tuple(x.shape[1:]), generator=g).to(x.device, x.dtype)
+    seed = int(extra.get("seed") or 0)
+    noise = hosts.first_use_noise(batch_size, x.shape[1:], seed, x)
     image = getattr(model, "latent_image", None)  # the img2img / hires-fix image; zeros for txt2img
     image = torch.zeros_like(noise) if image is None else image[:1].to(x.device, x.dtype).expand_as(noise).clone()
     model_sampling = patcher.get_model_object("model_sampling")
@@ -204,26 +192,18 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
                "so it was calibrated without afs.")
     if end_to_end:
         normal_weights(patcher.model)
-    path = first_use_path(folder, method, sigmas, cfg, fp["id"], afs, tuple(x.shape[1:]))
-    log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s)",
-             method, batch_size, os.path.basename(path))
     try:
-        cal = calibrate(model, sigmas.detach().cpu().double(), method, states, extra, family=family.name,
-                        shift=family.shift, fine_steps=int(fine_steps), chunk_size=max(1, x.shape[0]),
-                        sigma_min=None if sigma_min is None else float(sigma_min), end_to_end=bool(end_to_end),
-                        time_limit=60.0 * max_minutes if max_minutes else None, progress=comfy_progress(),
-                        cancel=mm.processing_interrupted,
-                        info={"made_by": "ComfyUI first-use calibration", "cfg": cfg, "fingerprint": fp["id"],
-                              "fingerprint_detail": fp, "seed": int(extra.get("seed") or 0),
-                              "schedule": "the run's own sigmas", "latent_shape": list(x.shape[1:])},
-                        **({"afs": True} if afs else {}))
+        cal, path = hosts.first_use(
+            method, model, sigmas.detach().cpu().double(), states, folder=folder, cfg=cfg, fingerprint=fp,
+            shape=tuple(x.shape[1:]), afs=afs, extra_args=extra, family=family.name, shift=family.shift,
+            fine_steps=int(fine_steps), chunk_size=max(1, x.shape[0]),
+            sigma_min=None if sigma_min is None else float(sigma_min), end_to_end=bool(end_to_end),
+            time_limit=60.0 * max_minutes if max_minutes else None, progress=comfy_progress(),
+            cancel=mm.processing_interrupted,
+            info={"made_by": "ComfyUI first-use calibration", "seed": seed, "schedule": "the run's own sigmas"})
     except CalibrationCancelled:
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()
-    try:
-        cal.save(path, replace=False)
-    except FileExistsError:  # the same setting calibrated by another run a moment ago: both are valid
-        pass
     notify(f"[Calibrated Samplers] {method}: calibrated this run's setting and wrote {path}",
            f"{method}: no file fitted this setting, so it was calibrated now and saved as {os.path.basename(path)}; "
            "later runs at this setting use it.")
@@ -248,17 +228,6 @@ def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=
                f"{label} {why}: the correction may not fit. Calibrate at this cfg (or over a cfg range).")
     return SAMPLERS[calibration.method](model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                        calibration=calibration, family=family.name, shift=family.shift, **options)
-
-
-class CalibrationJob:
-    """What the Calibrate node hands its sampler function, and what comes back."""
-
-    def __init__(self, method, noise, first_noise, prompts, fit_options, info, progress=None, cancel=None,
-                 spread=None):
-        self.method, self.noise, self.first_noise, self.prompts = method, noise, first_noise, prompts
-        self.fit_options, self.info, self.progress, self.cancel = fit_options, info, progress, cancel
-        self.spread = spread  # None, or calibrate_range's steps, cfgs, denoises, schedule and noise_scaling
-        self.result = None
 
 
 def comfy_noise_scaling(model_sampling):
@@ -295,25 +264,12 @@ def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, dis
         return model(xs, sigma, **kwargs)
 
     conditions = [dict(extra_args or {}, prompt=k) for k in range(job.prompts)]
-    info = dict(job.info, cfg=cfg, fingerprint=fp["id"], fingerprint_detail=fp)
-    if job.spread is not None:
-        def with_cfg(value):
-            guider.cfg = value  # the guider combines the prompts at its cfg when the denoiser is called
-            return denoiser, conditions
-        spread = dict(job.spread)
-        schedule = spread.pop("schedule")
-        try:
-            job.result = calibrate_range(
-                denoiser, schedule, job.method, job.noise.to(x.device, x.dtype), with_cfg=with_cfg,
-                family=family.name, shift=family.shift, sigma_min=None if sigma_min is None else float(sigma_min),
-                progress=job.progress, cancel=job.cancel, info=dict(info, primary={"steps": len(sigmas) - 1, "cfg": cfg}),
-                **spread, **job.fit_options)
-        finally:
-            guider.cfg = cfg
-        return x
-    job.result = calibrate(denoiser, sigmas, job.method, states, conditions, family=family.name, shift=family.shift,
-                           sigma_min=None if sigma_min is None else float(sigma_min), progress=job.progress,
-                           cancel=job.cancel, info=info, **job.fit_options)
+
+    def with_cfg(value):
+        guider.cfg = value  # the guider combines the prompts at its cfg when the denoiser is called
+        return denoiser, conditions
+    hosts.run(job, denoiser, sigmas, states, job.noise.to(x.device, x.dtype), conditions, family, cfg, fp, with_cfg,
+              sigma_min=None if sigma_min is None else float(sigma_min))
     return x
 
 

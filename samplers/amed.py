@@ -67,12 +67,12 @@ def amed_parts(kind, ev, x, i, sig, hist, family, r, a, afs, **opts):
     return (s_next / s_mid) * y, -family.alpha(s_next) * expm1(-h) * Dx, [q, qm]
 
 
-PLUGINS = {
-    "amed": ("dpm_2", "AMED-Solver: one learned intermediate time and direction scale per step."),
-    "amed_euler": ("euler", "AMED-Plugin on Euler/DDIM."),
-    "amed_dpm_2": ("dpm_2", "AMED-Plugin on DPM-Solver-2."),
-    "amed_ipndm": ("ipndm", "AMED-Plugin on iPNDM, on the grid refined by the learned intermediate times."),
-    "amed_dpmpp_2m": ("dpmpp_2m", "AMED-Plugin on DPM-Solver++(2M), on the refined grid."),
+PLUGINS = {  # name: (base solver, label, docstring)
+    "amed": ("dpm_2", "AMED-Solver", "AMED-Solver: one learned intermediate time and direction scale per step."),
+    "amed_euler": ("euler", "AMED Euler", "AMED-Plugin on Euler/DDIM."),
+    "amed_dpm_2": ("dpm_2", "AMED DPM2", "AMED-Plugin on DPM-Solver-2."),
+    "amed_ipndm": ("ipndm", "AMED iPNDM", "AMED-Plugin on iPNDM, on the grid refined by the learned intermediate times."),
+    "amed_dpmpp_2m": ("dpmpp_2m", "AMED DPM++ 2M", "AMED-Plugin on DPM-Solver++(2M), on the refined grid."),
 }
 
 
@@ -96,10 +96,10 @@ def stepper(kind, params, options):
     return partial(amed_step, kind, params, afs, options)
 
 
-for _name, (_base, _doc) in PLUGINS.items():
+for _name, (_base, _label, _doc) in PLUGINS.items():
     _sample = calibrated_sampler(_name, partial(stepper, "amed" if _name == "amed" else _base), ["r", "c", "a"])
     _sample.__doc__ = _doc
-    register(_name, _sample, base=_base, nfe_per_step=2,
+    register(_name, _sample, base=_base, nfe_per_step=2, label=_label,
              evaluations=amed_evaluations, kind="amed", params=("r", "c", "a"),
              uncalibrated=("DPM-Solver-2" if _base == "dpm_2" else
                            f"{_base} on the schedule with each step's geometric-mean sigma added (2 evaluations a step)"))

@@ -101,5 +101,5 @@ def sample_gddim(model, x, sigmas, extra_args=None, callback=None, disable=None,
     return x.to(in_dtype)
 
 
-register("gddim", sample_gddim, base="gddim", nfe_per_step=1, kind="plain",
+register("gddim", sample_gddim, base="gddim", nfe_per_step=1, kind="plain", label="gDDIM",
          evaluations=lambda sigmas, **options: len(sigma_list(sigmas)) - 1)

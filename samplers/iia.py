@@ -211,9 +211,13 @@ def stepper(variant, params, options):
     return step
 
 
+LABELS = {"iia_ddim": "IIA DDIM", "iia_ddim_cfg": "IIA DDIM CFG", "iia_dpmpp_2m": "IIA DPM++ 2M", "biia_edm": "BIIA Heun",
+          "iia_edm": "IIA Heun", "iia_ipndm": "IIA iPNDM", "iia_spndm": "IIA S-PNDM"}
+
 for _v in VARIANTS:
     _sample = calibrated_sampler(_v.name, partial(stepper, _v), ["coeffs"], ["a"])
     _sample.__doc__ = _v.doc
     register(_v.name, _sample, base=_v.base, nfe_per_step=B.BASE_STEPS[_v.base][1],
-             evaluations=partial(base_evaluations, _v.base), kind="iia", params=("coeffs",), optional_params=("a",))
+             evaluations=partial(base_evaluations, _v.base), kind="iia", params=("coeffs",), optional_params=("a",),
+             label=LABELS[_v.name])
 VARIANT_BY_NAME = {v.name: v for v in VARIANTS}

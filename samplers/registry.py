@@ -3,7 +3,8 @@
 SAMPLERS = {}
 
 
-def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=(), optional_params=(), uncalibrated=None):
+def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=(), optional_params=(), uncalibrated=None,
+             label=None):
     """Attach the registry facts to ``fn`` and list it.
 
     ``base``: the solver it reduces to uncalibrated; ``nfe_per_step``: model evaluations of a full step;
@@ -11,11 +12,13 @@ def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=(), opti
     ``kind``: "iia", "amed" or "plain" (nothing to calibrate); ``params``: per-step parameter names;
     ``optional_params``: per-step parameters a calibration may leave out (then at their neutral value).
     ``uncalibrated``: what it runs without a calibration, in words (default: "the {base} solver").
+    ``label``: its name for people (the web UIs' sampler list; default: ``name``).
     """
     fn.__name__ = fn.__qualname__ = f"sample_{name}"
     fn.sampler_name = name
     fn.base = base
     fn.uncalibrated = uncalibrated or f"the {base} solver"
+    fn.label = label or name
     fn.nfe_per_step = nfe_per_step
     fn.evaluations = evaluations
     fn.kind = kind

@@ -20,16 +20,23 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("calibrated_samplers")
 
-LABELS = {
-    "iia_ddim": "IIA DDIM (calibrated)", "iia_ddim_cfg": "IIA DDIM CFG (calibrated)",
-    "iia_dpmpp_2m": "IIA DPM++ 2M (calibrated)", "biia_edm": "BIIA Heun (calibrated)",
-    "iia_edm": "IIA Heun (calibrated)", "iia_ipndm": "IIA iPNDM (calibrated)", "iia_spndm": "IIA S-PNDM (calibrated)",
-    "amed": "AMED-Solver (calibrated)", "amed_euler": "AMED Euler (calibrated)", "amed_dpm_2": "AMED DPM2 (calibrated)",
-    "amed_ipndm": "AMED iPNDM (calibrated)", "amed_dpmpp_2m": "AMED DPM++ 2M (calibrated)", "gddim": "gDDIM",
-}
 FOLDER = "calibrated_samplers"
 INFOTEXT_KEY = "Calibration"
 HIRES_INFOTEXT_KEY = "Hires calibration"
+
+
+def labels():
+    """{sampler: its name in the web UI's sampler list}, IIA first, then AMED, then the uncalibrated ones: the
+    registry's labels, "(calibrated)" added where a file is used."""
+    from calibrated_samplers.samplers import SAMPLERS
+    return {name: fn.label + ("" if fn.kind == "plain" else " (calibrated)")
+            for kind in ("iia", "amed", "plain") for name, fn in SAMPLERS.items() if fn.kind == kind}
+
+
+def __getattr__(name):  # ``LABELS``, read once the pack is loaded
+    if name == "LABELS":
+        return labels()
+    raise AttributeError(name)
 
 
 def load_pack():
@@ -86,15 +93,6 @@ def file_hash(path):
 
 
 # ------------------------------------------------------------------------------------------ sampling
-class Job:
-    """A calibration request, picked up by the next call of the requested sampler (under the web UI's queue lock)."""
-
-    def __init__(self, method, noise, prompts, fit_options, info, progress=None, cancel=None, spread=None):
-        self.method, self.noise, self.prompts, self.fit_options, self.info = method, noise, prompts, fit_options, info
-        self.progress, self.cancel, self.result = progress, cancel, None
-        self.spread = spread  # None, or calibrate_range's steps, cfgs and denoises
-
-
 _pending = threading.local()
 
 
@@ -103,12 +101,28 @@ def pending_job(method):
     return job if job is not None and job.method == method else None
 
 
+def model_sigma_min(model):
+    """The smallest sigma of the denoiser the web UI hands a sampler, or None: the fit's teacher ends there as the
+    sampler's last step does (hosts' docstring). A1111's CFG denoiser holds a k-diffusion wrapper that says it; Forge's
+    wrapper (ForgeScheduleLinker) calls its predictor's ``sigma_min``, a property there, and raises, so the
+    predictor is read directly."""
+    wrapper = getattr(model, "inner_model", None)
+    source = getattr(wrapper, "predictor", wrapper)
+    try:
+        sigma_min = getattr(source, "sigma_min", None)
+        sigma_min = sigma_min() if callable(sigma_min) else sigma_min
+        return None if sigma_min is None else float(sigma_min)
+    except (TypeError, ValueError, RuntimeError):  # not one number: the model is taken as defined at every sigma
+        return None
+
+
 def make_sampler(name, library, env):
     """The k-diffusion-style function the web UI calls for ``name``. ``env`` gives the web UI's state
     (``sd_model()``, ``sgm_noise_multiplier()``, ``conds(p, prompt, batch)``) so tests can stand in for it."""
-    from calibrated_samplers.calibration.library import no_match_message, other_size, short_no_match, size_note
+    from calibrated_samplers import hosts
     from calibrated_samplers.samplers import SAMPLERS
     fn = SAMPLERS[name]
+    label = labels()[name]
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         p = getattr(model, "p", None)
@@ -120,35 +134,36 @@ def make_sampler(name, library, env):
         _, family = model_family(sd_model)
         calibration = None
         if fn.kind != "plain":
+            hires = getattr(p, "is_hr_pass", False)
             cfg = extra_args.get("cond_scale")
-            if getattr(p, "is_hr_pass", False) and getattr(p, "hr_cfg", None) is not None:
+            if hires and getattr(p, "hr_cfg", None) is not None:
                 cfg = float(p.hr_cfg)  # Forge's hires pass guides at its own "Hires CFG Scale", not cond_scale
-            shape = tuple(x.shape[1:])
-            calibration, path, notes = library.find(name, sigmas, family, model_fingerprint(sd_model), cfg, shape)
-            damaged = library.unreported_damage()
-            # first use also fits a run whose only file was fitted at another image size (library.SIZE_TOLERANCE)
-            first_use = env.first_use() if calibration is None or other_size(calibration, shape) else None
-            if first_use and p is not None and not getattr(p, "is_hr_pass", False) and not getattr(
-                    p, "init_images", None):  # txt2img: x is pure noise, so the run can be calibrated as is
-                calibration, path = fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, cfg,
-                                                     first_use)
-                p.comment(f"{LABELS[name]}: no file fitted this setting, so it was calibrated now and saved as "
+            # first use fits txt2img runs only: there x is pure noise, so the run can be calibrated as it is
+            txt2img = p is not None and not hires and not getattr(p, "init_images", None)
+            settings = env.first_use() if txt2img else None
+
+            def fit():
+                cal, path = fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, cfg, settings)
+                p.comment(f"{label}: no file fitted this setting, so it was calibrated now and saved as "
                           f"{os.path.basename(path)}; later runs at this setting use it.")
+                return cal, path
+            calibration, path, notes, warnings = hosts.find(name, library, sigmas, family, model_fingerprint(sd_model),
+                                                            cfg, tuple(x.shape[1:]), fit if settings else None)
             if calibration is None:
-                log.warning(no_match_message(
-                    LABELS[name], fn.uncalibrated, sigmas, cfg, notes,
-                    f"use the 'Calibrated Samplers' tab or POST /calibrated-samplers/calibrate (files go to models/{FOLDER})"))
-                note = f"none: uncalibrated, {fn.uncalibrated}"
+                console, short = hosts.missing(
+                    name, sigmas, cfg, notes, "use the 'Calibrated Samplers' tab or POST /calibrated-samplers/calibrate "
+                    f"(files go to models/{FOLDER})", "Calibrate in the 'Calibrated Samplers' tab", shown=label,
+                    shown_short=label + (" (hires pass)" if hires else ""))
+                log.warning(console)
                 if p is not None and hasattr(p, "comment"):  # shown under the image, not only in the console
-                    p.comment(short_no_match(LABELS[name] + (" (hires pass)" if getattr(p, "is_hr_pass", False)
-                                                               else ""), sigmas, cfg, notes,
-                                             "Calibrate in the 'Calibrated Samplers' tab"))
+                    p.comment(short)
+                note = f"none: uncalibrated, {fn.uncalibrated}"
             else:
                 note = f"{os.path.basename(path)} ({file_hash(path)})"
-                for warning in damaged + [w for w in [size_note(calibration, shape, os.path.basename(path))] if w]:
+                for warning in warnings:
                     log.warning(warning)
             if p is not None:  # hires fix's second pass gets a line of its own, after the first pass's
-                p.extra_generation_params[HIRES_INFOTEXT_KEY if getattr(p, "is_hr_pass", False) else INFOTEXT_KEY] = note
+                p.extra_generation_params[HIRES_INFOTEXT_KEY if hires else INFOTEXT_KEY] = note
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                   calibration=calibration, family=family.name, shift=family.shift, **options)
 
@@ -182,38 +197,31 @@ def fit_on_first_use(model, x, sigmas, extra_args, name, env, sd_model, family, 
     path. ``settings``: batch_size, fine_steps and afs (the web UI's options; only txt2img runs, from pure noise,
     come here, which afs assumes)."""
     import torch
-    from calibrated_samplers.calibration import calibrate
-    from calibrated_samplers.calibration.library import first_use_path
+    from calibrated_samplers import hosts
     batch = x.shape[0]
     s0 = float(sigmas[0])
-    g = torch.Generator().manual_seed(int(settings.get("seed", 0)))
-    noise = torch.randn((int(settings["batch_size"]),) + tuple(x.shape[1:]), generator=g).to(x.device, x.dtype)
+    noise = hosts.first_use_noise(settings["batch_size"], x.shape[1:], settings.get("seed", 0), x)
     states = start_state(family, env.sgm_noise_multiplier(), s0)(s0, noise, torch.zeros_like(noise))
     step = getattr(model, "step", None)  # the web UI's denoiser counts its calls (prompt editing): keep it
-    fp = model_fingerprint(sd_model)
-    afs = bool(settings.get("afs", False))
     try:
-        cal = calibrate(lambda xs, sigma: call_padded(model, xs, sigma, batch, **extra_args), sigmas, name, states, family=family.name, shift=family.shift,
-                        fine_steps=int(settings["fine_steps"]), chunk_size=batch, end_to_end=False,
-                        info={"made_by": "web UI first-use calibration", "cfg": cfg, "fingerprint": fp["id"],
-                              "fingerprint_detail": fp, "latent_shape": list(x.shape[1:])},
-                        **({"afs": True} if afs else {}))
+        cal, path = hosts.first_use(
+            name, lambda xs, sigma: call_padded(model, xs, sigma, batch, **extra_args), sigmas, states,
+            folder=env.folder(), cfg=cfg, fingerprint=model_fingerprint(sd_model), shape=tuple(x.shape[1:]),
+            afs=bool(settings.get("afs", False)), info={"made_by": "web UI first-use calibration"},
+            family=family.name, shift=family.shift, fine_steps=int(settings["fine_steps"]), chunk_size=batch,
+            end_to_end=False, sigma_min=model_sigma_min(model))
     finally:
         if step is not None:
             model.step = step
-    path = first_use_path(env.folder(), name, sigmas, cfg, fp["id"], afs, tuple(x.shape[1:]))
-    try:
-        cal.save(path, replace=False)
-    except FileExistsError:
-        pass
-    print(f"[Calibrated Samplers] {LABELS[name]}: calibrated this run's setting on first use, wrote {path}")
+    print(f"[Calibrated Samplers] {labels()[name]}: calibrated this run's setting on first use, wrote {path}")
     return cal, path
 
 
 def calibration_run(model, x, sigmas, extra_args, job, env, p):
     """Calibrate instead of sampling: the web UI has prepared the model and the negative prompt for this batch."""
-    from calibrated_samplers.calibration import calibrate
+    from calibrated_samplers import hosts
     from calibrated_samplers.calibration.end_to_end import normal_tensors, normal_weights
+    from calibrated_samplers.calibration.entries import denoise_schedule, img2img_schedule
     sd_model = env.sd_model()
     _, family = model_family(sd_model)
     s0 = float(sigmas[0])
@@ -230,29 +238,16 @@ def calibration_run(model, x, sigmas, extra_args, job, env, p):
     def denoiser(xs, sigma, prompt=0):
         return call_padded(model, xs, sigma, batch, cond=conds[prompt], **fixed)
 
-    fp = model_fingerprint(sd_model)
-    cfg = float(extra_args.get("cond_scale", 1.0))
-    info = dict(job.info, cfg=cfg, fingerprint=fp["id"], fingerprint_detail=fp)
     conditions = [{"prompt": k} for k in range(len(job.prompts))]
-    if job.spread is not None:
-        from calibrated_samplers.calibration.entries import denoise_schedule, img2img_schedule
-        from calibrated_samplers.calibration.ranges import calibrate_range
 
-        def with_cfg(value):
-            fixed["cond_scale"] = value
-            return denoiser, conditions
-        try:
-            job.result = calibrate_range(
-                denoiser, env.schedule(p), job.method, noise, with_cfg=with_cfg,
-                noise_scaling=start, denoise_rules=(denoise_schedule, img2img_schedule), family=family.name,
-                shift=family.shift, progress=job.progress, cancel=job.cancel, chunk_size=batch,
-                info=dict(info, primary={"steps": len(sigmas) - 1, "cfg": cfg}), **job.spread, **job.fit_options)
-        finally:
-            fixed["cond_scale"] = cfg
-        return x
-    states = start(s0, noise, noise.new_zeros(noise.shape))
-    job.result = calibrate(denoiser, sigmas, job.method, states, conditions, family=family.name, shift=family.shift, progress=job.progress, cancel=job.cancel,
-                           info=info, chunk_size=batch, **job.fit_options)
+    def with_cfg(value):
+        fixed["cond_scale"] = value
+        return denoiser, conditions
+    range_options = None if job.spread is None else {
+        "schedule": env.schedule(p), "noise_scaling": start, "denoise_rules": (denoise_schedule, img2img_schedule)}
+    hosts.run(job, denoiser, sigmas, start(s0, noise, noise.new_zeros(noise.shape)), noise, conditions, family,
+              float(extra_args.get("cond_scale", 1.0)), model_fingerprint(sd_model), with_cfg, range_options,
+              chunk_size=batch, sigma_min=model_sigma_min(model))
     return x
 
 
@@ -325,7 +320,7 @@ def register(library, env):
     from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
     existing = {s.name for s in sd_samplers.all_samplers}
     added = []
-    for name, label in LABELS.items():
+    for name, label in labels().items():
         if label in existing:
             continue
         fn = make_sampler(name, library, env)
@@ -353,10 +348,13 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     runs make one model call fewer; txt2img only, so a denoise list below 1 is refused)."""
     import torch
     from modules import call_queue, processing, shared
+    from calibrated_samplers import hosts
     from calibrated_samplers.calibration.requests import (check_entries, check_request, output_path, parse_cfgs,
                                                           parse_denoises, parse_steps)
-    if method not in LABELS or method == "gddim":
-        raise ValueError(f"method must be one of {[m for m in LABELS if m != 'gddim']}, got {method!r}")
+    from calibrated_samplers.samplers import SAMPLERS
+    calibrated = [m for m in labels() if SAMPLERS[m].kind != "plain"]
+    if method not in calibrated:
+        raise ValueError(f"method must be one of {calibrated}, got {method!r}")
     prompts = [q for q in (prompts if isinstance(prompts, (list, tuple)) else [prompts]) if q and q.strip()]
     if not prompts:
         raise ValueError("give at least one prompt to calibrate on")
@@ -387,7 +385,7 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
             raise ValueError("no checkpoint is loaded")
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=shared.sd_model, prompt=prompts[0], negative_prompt=negative_prompt, steps=int(steps),
-            cfg_scale=float(cfg), width=int(width), height=int(height), sampler_name=LABELS[method],
+            cfg_scale=float(cfg), width=int(width), height=int(height), sampler_name=labels()[method],
             scheduler=scheduler, batch_size=max(1, min(int(chunk_size), int(batch_size))), n_iter=1, seed=int(seed),
             do_not_save_samples=True, do_not_save_grid=True)
         forge = getattr(shared.sd_model, "forge_objects", None)
@@ -399,7 +397,8 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         fit_options = {"fine_steps": int(fine_steps), "end_to_end": bool(end_to_end)}
         if afs:  # only then: files made without it stay as they were
             fit_options["afs"] = True
-        job = Job(method, noise, prompts, fit_options, info, progress, lambda: bool(shared.state.interrupted), spread)
+        job = hosts.Job(method, noise, prompts, fit_options, info, progress, lambda: bool(shared.state.interrupted),
+                        spread)
         _pending.job = job
         started = time.time()
         shared.state.begin(job="calibrated_samplers")
@@ -471,11 +470,12 @@ def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, nega
     """The tab's Calibrate button: the method by its name in the sampler list, prompts one per line;
     returns (message, residual picture or None). ``progress(fraction, desc=...)``: Gradio's progress bar."""
     from calibrated_samplers.calibration.picture import residual_image
-    method = {v: k for k, v in LABELS.items()}.get(label, label)
+    names = labels()
+    method = {v: k for k, v in names.items()}.get(label, label)
 
     def on_progress(done, total):
         if progress is not None and total:
-            progress(done / total, desc=f"calibrating {LABELS.get(method, method)}")
+            progress(done / total, desc=f"calibrating {names.get(method, method)}")
     try:
         result, path = calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts.splitlines(),
                                           negative, batch_size, fine_steps, seed, filename, overwrite=overwrite,
@@ -493,7 +493,9 @@ def ui_tab(env):
     """The 'Calibrated Samplers' tab: the same calibration as the API route, for people."""
     import gradio as gr
     from modules import sd_schedulers, shared
-    methods = [LABELS[m] for m in LABELS if m != "gddim"]  # the names the sampler list shows
+    from calibrated_samplers.samplers import SAMPLERS
+    names = labels()
+    methods = [label for m, label in names.items() if SAMPLERS[m].kind != "plain"]  # as the sampler list shows them
     schedulers = [s.label for s in sd_schedulers.schedulers]
 
     def run(method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed, filename,
@@ -504,7 +506,7 @@ def ui_tab(env):
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
             with gr.Column():
-                method = gr.Dropdown(methods, value=LABELS["iia_dpmpp_2m"], label="Method")
+                method = gr.Dropdown(methods, value=names["iia_dpmpp_2m"], label="Method")
                 steps = gr.Slider(1, 50, value=8, step=1, label="Steps")
                 scheduler = gr.Dropdown(schedulers, value="Karras" if "Karras" in schedulers else schedulers[0], label="Schedule type")
                 cfg = gr.Slider(1, 30, value=5.0, step=0.5, label="CFG scale (sample at this one)")

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK = "calibrated_samplers"
 # the library and its adapters; the pack's root __init__ (ComfyUI's entry point, which only defines __version__ and,
 # inside ComfyUI, loads nodes/) is the top of the graph, not a module of it
-PACKAGES = ("samplers", "calibration", "nodes", "scripts")
+PACKAGES = ("samplers", "calibration", "hosts", "nodes", "scripts")
 # scripts that import the pack from outside: only their private-name reach is checked
 OUTSIDE = ("benchmarks",)
 
@@ -180,3 +180,34 @@ def test_functions_stay_short_enough_to_read():
     lengths = function_lengths(ROOT)
     assert lengths["calibration/engine.py:calibrate"] < 60  # a pipeline of stages (engine.STAGES)
     assert {name: n for name, n in lengths.items() if n > 80} == {}
+
+
+# storage (the file format, which entry serves a run, the library, fingerprints) never reaches the fitting pipeline
+STORAGE = ("calibration.file", "calibration.entries", "calibration.library", "calibration.identity")
+PIPELINE = ("calibration.engine", "calibration.end_to_end", "calibration.teacher", "calibration.ranges")
+
+
+def reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_storage_never_imports_the_fitting_pipeline():
+    graph = import_graph(ROOT)
+    assert reachable({"a": {"b"}, "b": {"c"}}, "a") == {"b", "c"}  # the walk is transitive
+    for module in STORAGE:
+        assert module in graph and not reachable(graph, module) & set(PIPELINE), module
+
+
+def test_every_calibrated_kind_is_one_class_that_says_all_a_kind_must():
+    from calibrated_samplers.calibration.kinds import KINDS, Kind
+    from calibrated_samplers.samplers import SAMPLERS
+    assert {f.kind for f in SAMPLERS.values()} - {"plain"} == set(KINDS)
+    required = ("fit_units", "fit", "neutral", "scaled", "unchanged_steps", "leaves", "materialize")
+    for kind in KINDS.values():
+        assert all(getattr(type(kind), k) is not getattr(Kind, k) for k in required), kind.name

@@ -11,6 +11,7 @@ from calibrated_samplers.calibration import Calibration, calibrate, load
 from calibrated_samplers.calibration.identity import fingerprint
 from calibrated_samplers.calibration.library import Library, ModelMismatch, check_model, no_match_message
 from calibrated_samplers.calibration.picture import residual_image
+from calibrated_samplers import hosts
 from calibrated_samplers.nodes import declare, runtime
 from calibrated_samplers.samplers import SAMPLERS, CalibrationMismatch
 from calibrated_samplers.tests import comfy_standins as cs
@@ -335,7 +336,7 @@ def test_calibration_run_scales_the_whole_batch_like_comfy_and_walks_every_promp
     """The SAMPLER function of the Calibrate node equals calibrate() on the batch scaled as ComfyUI scales noise."""
     noise = cs.MIXTURE.noise(16, seed=4, dtype=torch.float32)
     first = noise[:4].clone()
-    job = runtime.CalibrationJob("iia_ddim", noise, first, 2, {"fine_steps": 3, "chunk_size": 4}, {"seed": 4})
+    job = hosts.Job("iia_ddim", noise, 2, {"fine_steps": 3, "chunk_size": 4}, {"seed": 4}, first_noise=first)
     guider = cs.CFGGuider(cs.Patcher())
     guider.set_cfg(2.0)
     model = cs.Denoiser(guider)
@@ -374,8 +375,8 @@ def test_end_to_end_runs_on_a_model_loaded_in_inference_mode(monkeypatch):
         with torch.inference_mode():
             patcher = cs.Patcher()
             noise = cs.MIXTURE.noise(16, seed=4, dtype=torch.float32)
-            job = runtime.CalibrationJob("iia_dpmpp_2m", noise, noise[:4].clone(), 1,
-                                         {"fine_steps": 3, "chunk_size": 8, "budget": 60}, {})
+            job = hosts.Job("iia_dpmpp_2m", noise, 1, {"fine_steps": 3, "chunk_size": 8, "budget": 60}, {},
+                            first_noise=noise[:4].clone())
             guider = cs.CFGGuider(patcher)
             guider.set_cfg(1.0)
             runtime.sample_calibration_run(WeightedDenoiser(guider), noise[:4] * 14.6, SIGMAS, job=job)

@@ -37,7 +37,7 @@ def test_libraries_import_only_torch_numpy_and_themselves():
     # extras, imported only inside the functions that need them (with a clear error when absent): matplotlib for
     # the CLI's plot command; scikit-learn's bundled digits and PIL's image grid for the testbed's benchmarks
     extras = {"matplotlib", "sklearn", "PIL"}
-    for folder in ("samplers", "calibration"):
+    for folder in ("samplers", "calibration", "hosts"):
         for f, names, level in imported_modules(folder):
             for name in names:
                 if level == 0:  # absolute imports: only the runtime dependencies and the standard library
@@ -62,9 +62,20 @@ def test_runtime_dependencies_are_torch_numpy_safetensors():
     assert calibrated_samplers.__version__ == meta["project"]["version"]
 
 
+def test_every_package_folder_is_installed():
+    """A subpackage missing from pyproject's list imports from a checkout but not from an installed wheel."""
+    listed = set(tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]["packages"])
+    found = set()
+    for folder in ("samplers", "calibration", "hosts", "nodes", "tests"):
+        for dirpath, dirs, files in os.walk(os.path.join(ROOT, folder)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            if "__init__.py" in files:
+                found.add("calibrated_samplers." + os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
+    assert "calibrated_samplers.calibration.kinds" in found and found <= listed, sorted(found - listed)
+
 def test_nothing_outside_tests_imports_tests():
     """The product and the benchmarks use calibration.testbed (models, mixture, k-diffusion loader), not tests/."""
-    for folder in ("samplers", "calibration", "nodes", "scripts", "benchmarks"):
+    for folder in ("samplers", "calibration", "hosts", "nodes", "scripts", "benchmarks"):
         for f, names, level in imported_modules(folder):
             for name in names:
                 parts = name.split(".")
@@ -94,7 +105,7 @@ def test_cli_runs_with_the_tests_package_unimportable(tmp_path):
 def test_the_packs_exceptions_have_a_short_stable_type_name():
     """ComfyUI shows ``module + '.' + qualname`` (execution.full_type_name); a custom node's module is its folder's
     file-system path, so every exception a user can meet names the pack instead."""
-    from calibrated_samplers.calibration.engine import CalibrationCancelled
+    from calibrated_samplers.calibration import CalibrationCancelled
     from calibrated_samplers.calibration.file import CalibrationFileError
     from calibrated_samplers.calibration.library import ModelMismatch
     from calibrated_samplers.calibration.requests import RequestError

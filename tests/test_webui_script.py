@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+from calibrated_samplers import hosts
 from calibrated_samplers.calibration import calibrate, load
 from calibrated_samplers.calibration.library import Library
 from calibrated_samplers.nodes import runtime
@@ -196,7 +197,7 @@ def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_
     noise = cs.MIXTURE.noise(14, seed=2, dtype=torch.float32)
     # the per-step fit alone: it is exact to rounding, where the end-to-end stage's ~100 float32 Adam steps drift by
     # 1e-5 with how the work is cut (its chunk invariance is tested in test_end_to_end.py)
-    job = script.Job("iia_ddim", noise, ["cat", "dog"], {"fine_steps": 3, "end_to_end": False}, {"seed": 2})
+    job = hosts.Job("iia_ddim", noise, ["cat", "dog"], {"fine_steps": 3, "end_to_end": False}, {"seed": 2})
     script._pending.job = job
     try:
         model = CFGModel(4)
@@ -217,12 +218,42 @@ def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_
     assert torch.allclose(cal.params["coeffs"], want.params["coeffs"], rtol=1e-5, atol=1e-8)
 
 
+def test_the_fit_ends_where_the_web_uis_denoiser_is_defined(script):
+    """As in ComfyUI, the teacher stops at the model's smallest sigma: A1111's and Forge's CFG denoisers hold a
+    k-diffusion wrapper (``inner_model``) that says it (Forge's through its predictor); a denoiser without one is
+    taken as defined at every sigma."""
+    class ForgeScheduleLinker:  # as Forge's k_diffusion/external.py has it: its own sigma_min raises
+        def __init__(self, sigma_min):
+            self.predictor = types.SimpleNamespace(sigma_min=torch.tensor(sigma_min))
+
+        @property
+        def sigma_min(self):
+            return self.predictor.sigma_min()
+
+    sd = forge_model(0)
+    recorded = []
+    for wrapper in (types.SimpleNamespace(sigma_min=torch.tensor(0.0292)), ForgeScheduleLinker(0.0146), None):
+        job = hosts.Job("iia_ddim", cs.MIXTURE.noise(8, seed=2, dtype=torch.float32), ["cat"],
+                        {"fine_steps": 2, "end_to_end": False}, {"seed": 2})
+        model = CFGModel(4)
+        if wrapper is not None:
+            model.inner_model = wrapper
+        script._pending.job = job
+        try:
+            x = cs.MIXTURE.noise(4, seed=3, dtype=torch.float32) * float(SIGMAS[0])
+            script.make_sampler("iia_ddim", Library(list), Env(sd))(model, x, SIGMAS, extra_args=extra(4))
+        finally:
+            script._pending.job = None
+        recorded.append(job.result.info["sigma_min"])
+    assert recorded[0] == pytest.approx(0.0292) and recorded[1] == pytest.approx(0.0146) and recorded[2] is None
+
+
 def test_an_afs_job_writes_a_file_whose_runs_make_one_model_call_fewer(script, tmp_path):
     """The tab's and the API's ``afs`` reaches calibrate(): the file keeps the option, and the web UI's sampler,
     finding the file, runs its first step without the model."""
     sd = forge_model(0)
     noise = cs.MIXTURE.noise(12, seed=2, dtype=torch.float32)
-    job = script.Job("iia_dpmpp_2m", noise, ["cat"], {"fine_steps": 3, "end_to_end": False, "afs": True}, {"seed": 2})
+    job = hosts.Job("iia_dpmpp_2m", noise, ["cat"], {"fine_steps": 3, "end_to_end": False, "afs": True}, {"seed": 2})
     script._pending.job = job
     try:
         x = cs.MIXTURE.noise(4, seed=3, dtype=torch.float32) * float(SIGMAS[0])
@@ -257,7 +288,7 @@ def test_a_range_calibration_serves_other_steps_cfgs_and_both_web_ui_denoise_cut
     sd = forge_model(0)
     noise = cs.MIXTURE.noise(12, seed=2, dtype=torch.float32)
     spread = {"steps": [4, 5], "cfgs": [2.0, 3.0], "denoises": [1.0, 0.5]}
-    job = script.Job("iia_ddim", noise, ["cat"], {"fine_steps": 2, "end_to_end": False}, {"seed": 2}, spread=spread)
+    job = hosts.Job("iia_ddim", noise, ["cat"], {"fine_steps": 2, "end_to_end": False}, {"seed": 2}, spread=spread)
     script._pending.job = job
     try:
         x = cs.MIXTURE.noise(4, seed=3, dtype=torch.float32) * float(SIGMAS[0])
