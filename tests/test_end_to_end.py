@@ -8,7 +8,7 @@ import torch
 
 from calibrated_samplers.calibration import calibrate, load
 from calibrated_samplers.calibration import end_to_end as E
-from calibrated_samplers.calibration.testbed.analytic import GaussianMixture, karras, rmse
+from calibrated_samplers.calibration.testbed.analytic import GaussianMixture, karras
 from calibrated_samplers.samplers import SAMPLERS, Family
 
 MIXTURE = GaussianMixture()

@@ -4,7 +4,7 @@ fit itself on the exact mixture, and the request parsing every UI uses."""
 import pytest
 import torch
 
-from calibrated_samplers.calibration import Calibration, calibrate, load
+from calibrated_samplers.calibration import Calibration, load
 from calibrated_samplers.calibration import file as F
 from calibrated_samplers.calibration.engine import _Run
 from calibrated_samplers.calibration.file import CalibrationFileError, CalibrationSet
