@@ -79,7 +79,7 @@ class Learnable:
             self._build(kind, params, sig, learn_params, learn_sigmas, scales, device, floor, learn_end)
 
     def _build(self, kind, params, sig, learn_params, learn_sigmas, scales, device, floor, learn_end):
-        self.kind, self.device = KINDS[kind] if isinstance(kind, str) else kind, torch.device(device)
+        self.kind, self.device = KINDS[kind], torch.device(device)
         self.start = {k: None if v is None else v.detach().to(self.device, torch.float64).clone()
                       for k, v in params.items()}
         self.sig = [float(s) for s in sig]

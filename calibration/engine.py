@@ -373,7 +373,7 @@ def _end_to_end(st):
     # the requested one: a raised start may come back down, never below what the user's schedule allows
     requested = st.requested
     floor = run.sigma_min if run.sigma_min is not None else (float(requested[-2]) if len(requested) > 2 else None)
-    learn = E.Learnable(st.kind, st.params, run.sig, learn_params=st.learn_params,
+    learn = E.Learnable(st.fn.kind, st.params, run.sig, learn_params=st.learn_params,
                         learn_sigmas=bool(st.learn_sigmas), scales=st.scales.get("coeffs"), device=run.device,
                         floor=floor, learn_end=st.learn_sigmas != "interior")
     start = run.done

@@ -33,6 +33,12 @@ def labels():
             for kind in ("iia", "amed", "plain") for name, fn in SAMPLERS.items() if fn.kind == kind}
 
 
+def calibrated_methods():
+    """The samplers a file serves (what the tab and the calibrate route offer), in the list's order."""
+    from calibrated_samplers.samplers import SAMPLERS
+    return [name for name in labels() if SAMPLERS[name].kind != "plain"]
+
+
 def __getattr__(name):  # ``LABELS``, read once the pack is loaded
     if name == "LABELS":
         return labels()
@@ -351,8 +357,7 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     from calibrated_samplers import hosts
     from calibrated_samplers.calibration.requests import (check_entries, check_request, output_path, parse_cfgs,
                                                           parse_denoises, parse_steps)
-    from calibrated_samplers.samplers import SAMPLERS
-    calibrated = [m for m in labels() if SAMPLERS[m].kind != "plain"]
+    calibrated = calibrated_methods()
     if method not in calibrated:
         raise ValueError(f"method must be one of {calibrated}, got {method!r}")
     prompts = [q for q in (prompts if isinstance(prompts, (list, tuple)) else [prompts]) if q and q.strip()]
@@ -493,9 +498,8 @@ def ui_tab(env):
     """The 'Calibrated Samplers' tab: the same calibration as the API route, for people."""
     import gradio as gr
     from modules import sd_schedulers, shared
-    from calibrated_samplers.samplers import SAMPLERS
     names = labels()
-    methods = [label for m, label in names.items() if SAMPLERS[m].kind != "plain"]  # as the sampler list shows them
+    methods = [names[m] for m in calibrated_methods()]  # as the sampler list shows them
     schedulers = [s.label for s in sd_schedulers.schedulers]
 
     def run(method, steps, scheduler, cfg, width, height, prompts, negative, batch_size, fine_steps, seed, filename,

@@ -10,7 +10,7 @@ from .base import Kind, flat
 
 R_COARSE = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 REFINE = ((-0.05, 0.9), (-0.05, 1.0), (-0.05, 1.1), (0.0, 0.9), (0.0, 1.1), (0.05, 0.9), (0.05, 1.0), (0.05, 1.1))
-R_BOUNDS = (0.02, 1.0)  # where the end-to-end stage keeps r
+R_BOUNDS = (0.02, 1.0)  # where the search and the end-to-end stage keep r
 
 
 class AMED(Kind):
@@ -120,7 +120,7 @@ def _fit(run, method, teacher, target, afs, options, fit_info):
         else:
             stats = evaluate([(r, 1.0) for r in R_COARSE])
             r0 = min(R_COARSE, key=lambda r: stats[(r, 1.0)][0].mse(stats[(r, 1.0)][0].best_c()))
-            refine = [(min(max(r0 + dr, 0.02), 1.0), a) for dr, a in REFINE]
+            refine = [(min(max(r0 + dr, R_BOUNDS[0]), R_BOUNDS[1]), a) for dr, a in REFINE]
             stats.update(evaluate([rc for rc in refine if rc not in stats]))
             (r, a), (fit, held) = min(stats.items(), key=lambda kv: kv[1][0].mse(kv[1][0].best_c()))
             c = fit.best_c()
