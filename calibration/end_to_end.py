@@ -14,7 +14,8 @@ requiring gradients (the model's weights never do).
   sigma is free too (a smooth floor keeps it above the model's sigma_min), so the span itself is learned.
 - **Memory**: each step is checkpointed (its activations are recomputed in the backward pass, so a trajectory
   keeps only its states), and the gradient is accumulated chunk by chunk, so the peak is one chunk's step
-  whatever the batch. The model may be float16/bfloat16; the parameters and the solver's arithmetic are float32
+  whatever the batch. Given the ``network``, each of its blocks recomputes its own activations as well
+  (blocks.py), so that step's peak is near an inference call's instead of several times it. The model may be float16/bfloat16; the parameters and the solver's arithmetic are float32
   or better (samplers.core.work_dtype).
 - **Schedule**: Adam on small minibatches, its learning rate decayed to zero over the budget (a cosine), so the
   run ends settled rather than where a noisy step left it; the whole budget is spent (an early stop would cut
@@ -47,6 +48,7 @@ import torch
 
 from ..samplers import SAMPLERS
 from ..samplers.core import Denoiser, integrate
+from .blocks import checkpointed_blocks
 from .kinds import KINDS
 
 # Adam's first step moves the fit noises' endpoints by this share of their error (Stage.measured_lr). Chosen on
@@ -150,7 +152,8 @@ class Stage:
 
     def __init__(self, run, method, options, learn, teacher_end, lr=None, eval_every=5, batch=None,
                  budget=None, time_limit=None, checkpoint=True, progress=None, margin=1.0, loss="rmse", checks=20,
-                 sigma_lr=5.0, step_fraction=STEP_FRACTION):
+                 sigma_lr=5.0, step_fraction=STEP_FRACTION, network=None):
+        self.network = network  # whose blocks recompute their activations in the backward pass (blocks.py)
         self.run, self.method, self.options, self.learn = run, method, dict(options), learn
         self.teacher_end = teacher_end
         # no rate and no fraction to measure one by: the fixed rate
@@ -206,7 +209,7 @@ class Stage:
         total = sum(ch.n for ch in chunks)
         squared, elements = 0.0, 0
         leaves = self.learn.parameters()
-        with torch.enable_grad():
+        with torch.enable_grad(), checkpointed_blocks(self.network):
             for ch in chunks:
                 end, ev = self._endpoint(ch, grad=True)
                 calls = ev.calls

@@ -378,7 +378,7 @@ def _end_to_end(st):
                         floor=floor, learn_end=st.learn_sigmas != "interior")
     start = run.done
     stage = E.Stage(run, st.sampler, st.options, learn, st.teacher.endpoint(), lr=st.learning_rate,
-                    batch=st.fit_batch,
+                    batch=st.fit_batch, network=st.network,
                     step_fraction=E.STEP_FRACTION if st.step_fraction is None else st.step_fraction,
                     budget=limit, time_limit=st.time_limit,
                     progress=lambda spent: run.tick_to(start + min(E2E_UNITS, int(E2E_UNITS * spent / limit))))
@@ -461,7 +461,7 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,
               sigma_min=None, end_to_end=True, learn_params=True, learn_sigmas=True, budget=None, time_limit=None,
               optimizer="adam", learning_rate=None, fit_batch=None, step_fraction=None, storage_device=None,
-              progress=None, cancel=None, info=None, shared_teacher=None, **options):
+              progress=None, cancel=None, info=None, shared_teacher=None, network=None, **options):
     """Fit ``sampler``'s per-step parameters to ``model`` on the schedule ``sigmas``; returns a ``Calibration``.
 
     ``noise``: the batch of initial states (already scaled to sigmas[0], as a sampler receives them).
@@ -475,6 +475,9 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
     teacher's step into sigma = 0 is sub-stepped down to it and ends there as the sampler's last step does;
     None for a model defined at every sigma.
     ``storage_device``: where per-sample states wait between chunks (e.g. "cpu" to spare GPU memory).
+    ``network``: the ``torch.nn.Module`` inside ``model`` (a UI's UNet or DiT): in the end-to-end stage's backward
+    pass each of its blocks recomputes its activations instead of keeping them (blocks.py), for a peak near an
+    inference call's; the module is left as it was.
     ``end_to_end``, ``learn_params``, ``learn_sigmas``, ``budget``, ``time_limit``, ``optimizer``, ``fit_batch``,
     ``learning_rate``, ``step_fraction``: the end-to-end stage after the per-step fit (``_end_to_end``).
     ``shared_teacher``: a teacher.SharedTeacher that already solved from these initial states through this
@@ -489,7 +492,8 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                     end_to_end=end_to_end, learn_params=learn_params, learn_sigmas=learn_sigmas, budget=budget,
                     time_limit=time_limit, optimizer=optimizer, learning_rate=learning_rate, fit_batch=fit_batch,
                     step_fraction=step_fraction,
-                    storage_device=storage_device, cancel=cancel, info=info, shared_teacher=shared_teacher)
+                    storage_device=storage_device, cancel=cancel, info=info, shared_teacher=shared_teacher,
+                    network=network)
     fn, sigmas, conditions = _checked(sampler, sigmas, noise, extra_args, settings)
     user_options = dict(options)  # as the user asked: the plain sampler the fit must beat runs with these
     if sampler == "amed_ipndm" and "variable_step" not in options:

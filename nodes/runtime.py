@@ -198,6 +198,7 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
             shape=tuple(x.shape[1:]), afs=afs, extra_args=extra, family=family.name, shift=family.shift,
             fine_steps=int(fine_steps), chunk_size=max(1, x.shape[0]),
             sigma_min=None if sigma_min is None else float(sigma_min), end_to_end=bool(end_to_end),
+            network=patcher.model,
             time_limit=60.0 * max_minutes if max_minutes else None, progress=comfy_progress(),
             cancel=mm.processing_interrupted,
             info={"made_by": "ComfyUI first-use calibration", "seed": seed, "schedule": "the run's own sigmas"})
@@ -269,7 +270,7 @@ def sample_calibration_run(model, x, sigmas, extra_args=None, callback=None, dis
         guider.cfg = value  # the guider combines the prompts at its cfg when the denoiser is called
         return denoiser, conditions
     hosts.run(job, denoiser, sigmas, states, job.noise.to(x.device, x.dtype), conditions, family, cfg, fp, with_cfg,
-              sigma_min=None if sigma_min is None else float(sigma_min))
+              sigma_min=None if sigma_min is None else float(sigma_min), network=patcher.model)
     return x
 
 

@@ -253,7 +253,7 @@ def calibration_run(model, x, sigmas, extra_args, job, env, p):
         "schedule": env.schedule(p), "noise_scaling": start, "denoise_rules": (denoise_schedule, img2img_schedule)}
     hosts.run(job, denoiser, sigmas, start(s0, noise, noise.new_zeros(noise.shape)), noise, conditions, family,
               float(extra_args.get("cond_scale", 1.0)), model_fingerprint(sd_model), with_cfg, range_options,
-              chunk_size=batch, sigma_min=model_sigma_min(model))
+              chunk_size=batch, sigma_min=model_sigma_min(model), network=net)
     return x
 
 
