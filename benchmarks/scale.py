@@ -202,24 +202,83 @@ def default_evaluations():
 
 
 def report(rows, quick):
-    nets = [r for r in rows if "weights" in r]
-    lines = ["# Calibration cost at real scale (CPU, random weights, diffusers' classes)", "",
-             "Written by `python benchmarks/scale.py`; every figure is peak resident memory above the weights.", ""]
-    models = {}
-    for n in nets:
-        lines += [f"## {n['net']}: {n['parameters'] / 1e6:.0f}M parameters, {n['weights'] / MiB:.0f} MiB in float32",
-                  "", "| mode | side | chunk | peak MiB | predicted MiB | error | s |", "|---|---|---|---|---|---|---|"]
+    """The measured table per network with the cost model's fit and its errors on the held-back points."""
+    fit_points = set(QUICK_FIT if quick else FIT)
+    lines, models = [], {}
+    for n in [r for r in rows if "weights" in r]:
+        lines += [f"### {n['net']}: {n['parameters'] / 1e6:.0f}M parameters ({n['weights'] / MiB:.0f} MiB in float32)",
+                  "", "| mode | latent | chunk | peak MiB | cost model MiB | error | seconds |",
+                  "|---|---|---|---|---|---|---|"]
         for mode in MODES:
             own = [r for r in rows if r.get("net") == n["net"] and r.get("mode") == mode]
-            fit_on = [r for r in own if (r["side"], r["chunk"]) in set(QUICK_FIT if quick else FIT)]
-            coef = models[(n["net"], mode)] = fit(fit_on)
+            coef = models[(n["net"], mode)] = fit([r for r in own if (r["side"], r["chunk"]) in fit_points])
             for r in own:
                 pred = predict(coef, r["side"], r["chunk"])
-                held = "" if r in fit_on else " (held back)"
-                lines.append(f"| {mode} | {r['side']} | {r['chunk']} | {r['peak'] / MiB:.0f} | {pred / MiB:.0f} | "
-                             f"{100 * (pred / r['peak'] - 1):+.0f}%{held} | {r['seconds']:.1f} |")
+                held = "" if (r["side"], r["chunk"]) in fit_points else " held back"
+                lines.append(f"| {mode} | {r['side']}x{r['side']} | {r['chunk']} | {r['peak'] / MiB:.0f} | "
+                             f"{pred / MiB:.0f} | {100 * (pred / r['peak'] - 1):+.0f}%{held} | {r['seconds']:.1f} |")
         lines.append("")
     return lines, models
+
+
+def full_flux(models, nets):
+    """Flux.1's 19 units (one double and two single blocks each) from the 1- and 2-unit networks: linear in depth."""
+    one, two = nets.get("flux"), nets.get("flux-2units")
+    if one is None or two is None:
+        return None
+    units = FLUX_DOUBLE
+    for mode in MODES:
+        a, b = models[("flux", mode)], models[("flux-2units", mode)]
+        models[("flux-full", mode)] = [x + (units - 1) * (y - x) for x, y in zip(a, b)]
+    return one["parameters"] + (units - 1) * (two["parameters"] - one["parameters"])
+
+
+def predictions(models, nets, evaluations):
+    """Peak memory of the node's default calibration at each network's native size, and the largest chunk per card."""
+    params = {"sd15": nets.get("sd15", {}).get("parameters"), "sdxl": nets.get("sdxl", {}).get("parameters"),
+              "flux": full_flux(models, nets)}
+    lines = ["| network at its size | weights | samples per call | inference call | stage | stage, blocks "
+             "checkpointed | largest chunk for 8 / 12 / 16 / 24 GB (stage, blocks) |", "|---|---|---|---|---|---|---|"]
+    for net, (side, wdtype, wbytes) in TARGETS.items():
+        key = "flux-full" if net == "flux" else net
+        if params[net] is None or (key, "inference") not in models:
+            continue
+        weights = params[net] * wbytes
+        samples = NODE["chunk_size"] * (1 if net == "flux" else 2)  # a CFG pair is two samples; Flux runs cfg 1
+        # measured in float32; half-precision compute halves the activations
+        peak = {m: weights + 0.5 * predict(models[(key, m)], side, samples) for m in MODES}
+        fits = []
+        for gb in (8, 12, 16, 24):
+            g, a, b = models[(key, "stage_blocks")]
+            per = 0.5 * (a + b * side * side / 4096)
+            fits.append(str(max(0, int((gb * 1e9 - weights - 0.5 * g) // per))))
+        lines.append(f"| {net} {side * 8} px | {weights / 1e9:.1f} GB {wdtype} | {samples} | "
+                     f"{peak['inference'] / 1e9:.1f} GB | {peak['stage'] / 1e9:.1f} GB | "
+                     f"{peak['stage_blocks'] / 1e9:.1f} GB | {' / '.join(fits)} samples |")
+    e = evaluations
+    lines += ["", f"Model evaluations per noise of the node's default calibration ({NODE['sampler']}, "
+              f"{NODE['batch_size']} noises, {NODE['steps']} steps, fine_steps {NODE['fine_steps']}), counted on the "
+              f"bundled analytic model (the counts do not depend on the network): per-step fit, teacher and checks "
+              f"{e['per_step_fit_and_checks']}, end-to-end stage {e['stage_forward_and_recomputed']} forward "
+              f"(of which {e['stage_backward']} recomputed in its backward passes, each also one backward), "
+              f"{e['total']} in all; each a CFG pair where cfg > 1."]
+    return lines
+
+
+def write(rows, quick):
+    nets = {r["net"]: r for r in rows if "weights" in r}
+    table, models = report(rows, quick)
+    head = ["# Calibration cost at real scale", "",
+            "Peak resident memory above the weights of one model call as each stage of a calibration makes it, on "
+            "diffusers' real classes at real width with random weights, float32 on this machine's CPU (one thread); "
+            "measured and reproduced by `python benchmarks/scale.py` (modes and cost model: its docstring).", ""]
+    pred = predictions(models, nets, default_evaluations()) if not quick else []
+    text = head + ["## Predicted for the default calibration (fp16/bf16 compute: half the float32 activations)",
+                   ""] + pred + ["", "## Measured, and the cost model's fit", ""] + table
+    print("\n".join(text))
+    if not quick:
+        with open(os.path.join(HERE, "SCALE.md"), "w") as f:
+            f.write("\n".join(text) + "\n")
 
 
 def main():
@@ -227,19 +286,23 @@ def main():
     p.add_argument("--child")
     p.add_argument("--nets", nargs="+", default=["sd15", "sdxl", "flux", "flux-2units"])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--report", action="store_true", help="only write SCALE.md from scale.json")
     args = p.parse_args()
     if args.child:
         return child(*json.loads(args.child))
-    fit_points, held = (QUICK_FIT, QUICK_HELD) if args.quick else (FIT, HELD)
+    path = os.path.join(HERE, "scale.json")
     rows = []
-    for name in args.nets:
+    if not args.quick and os.path.exists(path):  # the other networks' rows stay
+        with open(path) as f:
+            rows = [r for r in json.load(f)["rows"] if args.report or r["net"] not in args.nets]
+    fit_points, held = (QUICK_FIT, QUICK_HELD) if args.quick else (FIT, HELD)
+    for name in [] if args.report else args.nets:
         sizes = fit_points + held if name != "flux-2units" else fit_points
         rows += measure(name, [(mode, side, chunk) for mode in MODES for side, chunk in sizes])
-    lines, models = report(rows, args.quick)
-    print("\n".join(lines))
-    if not args.quick:
-        with open(os.path.join(HERE, "scale.json"), "w") as f:
-            json.dump({"rows": rows, "models": {f"{k[0]}/{k[1]}": v for k, v in models.items()}}, f, indent=1)
+        if not args.quick:
+            with open(path, "w") as f:
+                json.dump({"rows": rows}, f, indent=1)
+    write(rows, args.quick)
 
 
 if __name__ == "__main__":

@@ -147,13 +147,51 @@ class Learnable:
                 self.leaves[k].copy_(v)
 
 
+SAFETY = 0.8  # of the free memory the backward passes may plan to use: allocators fragment, kernels need workspace
+
+
+def _gib(n):
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+class DeviceMemory:
+    """The free memory of a CUDA device and the peak of a piece of work there (torch's own allocator counts)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def free(self):
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+    def peak(self, work):
+        """Run ``work()``; the bytes it needed above what was allocated before (None where it ran out)."""
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            work()
+        except torch.cuda.OutOfMemoryError:
+            return None
+        return torch.cuda.max_memory_allocated(self.device) - before
+
+
+def device_memory(device):
+    """The memory the stage plans its backward passes by: a CUDA device's; None (no limit planned) elsewhere."""
+    return DeviceMemory(device) if torch.device(device).type == "cuda" and torch.cuda.is_available() else None
+
+
 class Stage:
     """One end-to-end run on a calibration ``_Run`` (engine.py): fit chunks learn, held-out chunks judge."""
 
     def __init__(self, run, method, options, learn, teacher_end, lr=None, eval_every=5, batch=None,
                  budget=None, time_limit=None, checkpoint=True, progress=None, margin=1.0, loss="rmse", checks=20,
-                 sigma_lr=5.0, step_fraction=STEP_FRACTION, network=None):
+                 sigma_lr=5.0, step_fraction=STEP_FRACTION, network=None, memory="device"):
         self.network = network  # whose blocks recompute their activations in the backward pass (blocks.py)
+        # what the backward passes are planned by (Stage.plan_backward): "device" (a CUDA device's free memory),
+        # None (no plan: whole chunks) or an object with DeviceMemory's free() and peak(work)
+        self.memory = device_memory(run.device) if memory == "device" else memory
+        self.backward_chunk = None  # noises per backward pass; None: whole chunks
         self.run, self.method, self.options, self.learn = run, method, dict(options), learn
         self.teacher_end = teacher_end
         # no rate and no fraction to measure one by: the fixed rate
@@ -210,7 +248,7 @@ class Stage:
         squared, elements = 0.0, 0
         leaves = self.learn.parameters()
         with torch.enable_grad(), checkpointed_blocks(self.network):
-            for ch in chunks:
+            for ch in self._pieces(chunks):
                 end, ev = self._endpoint(ch, grad=True)
                 calls = ev.calls
                 errors = self._errors(ch, end)
@@ -226,6 +264,40 @@ class Stage:
                 elements += ch.n
                 self.run.check_cancel()
         return math.sqrt(squared / max(elements, 1))
+
+    def _pieces(self, chunks):
+        """The chunks cut to at most ``backward_chunk`` noises each (the gradient is summed over them anyway)."""
+        for ch in chunks:
+            size = self.backward_chunk or ch.n
+            if size >= ch.n:
+                yield ch
+                continue
+            index = torch.arange(ch.sl.start, ch.sl.stop) if isinstance(ch.sl, slice) else ch.sl  # minibatches index
+            for a in range(0, ch.n, size):
+                yield SimpleNamespace(sl=index[a:a + size], n=len(index[a:a + size]), group=ch.group, held_out=False)
+
+    def plan_backward(self):
+        """Noises per backward pass: as many as fit ``SAFETY`` of the free memory at one noise's measured peak,
+        up to a whole chunk. Returns None where they fit, else why the stage cannot run and what would fit."""
+        if self.memory is None or not self.fit:
+            return None
+        largest = max(ch.n for ch in self.fit)
+        first = self.fit[0]
+        one = SimpleNamespace(sl=slice(first.sl.start, first.sl.start + 1), n=1, group=first.group, held_out=False)
+        leaves = self.learn.parameters()
+        need = self.memory.peak(lambda: self.gradient([one]))
+        for leaf in leaves:  # the probe only measures: its gradient is not a step
+            leaf.grad = None
+        free = self.memory.free()
+        fits = 0 if need is None else int(SAFETY * free // max(need, 1))
+        if fits < 1:
+            needed = "more than the free memory" if need is None else _gib(need)
+            return (f"the end-to-end stage was skipped: one noise's backward pass needs {needed} of "
+                    f"{self.run.device} memory and {_gib(free)} is free. The per-step fit is kept. To run the stage, "
+                    f"free memory (unload other models, lower the latent size or the prompts' length) or calibrate "
+                    f"with end_to_end off to skip it without this check")
+        self.backward_chunk = min(fits, largest)
+        return None
 
     def _count(self, ev, chunk):
         """Every model call of this stage, in its own counts and in the run's totals."""
@@ -353,7 +425,8 @@ class Stage:
         start = self.held_out_errors()
         checked = [(start, 0, self.learn.state())]
         self.history.append({"round": 0, "held_out_rmse": _rmse(start), "spent": self.spent})
-        if not params:  # nothing to learn (a schedule too short to move, and no parameters asked for)
+        skipped = self.plan_backward() if params else None
+        if skipped or not params:  # nothing to learn (a schedule too short to move, no parameters asked for)
             max_rounds = 0
         else:
             opt = self._optimizer(optimizer, params)
@@ -400,7 +473,9 @@ class Stage:
                 "held_out_rmse": _rmse(best[0]), "start_held_out_rmse": self.history[0]["held_out_rmse"],
                 "seconds": round(time.perf_counter() - started, 3), "evaluations_per_sample": round(self.spent, 2),
                 "forward_evaluations": self.forward, "backward_evaluations": self.backward,
-                "curve": [[round(h["spent"], 2), h["held_out_rmse"]] for h in self.history]}
+                "curve": [[round(h["spent"], 2), h["held_out_rmse"]] for h in self.history],
+                **({"backward_chunk": self.backward_chunk} if self.backward_chunk else {}),
+                **({"skipped": skipped} if skipped else {})}
 
 
 def _rmse(errors):

@@ -78,6 +78,14 @@ def first_use(method, denoiser, sigmas, states, *, folder, cfg, fingerprint, sha
     return cal, path
 
 
+def warnings_of(result):
+    """What a user must hear about a finished calibration (a Calibration or a range's CalibrationSet): each stage
+    that was skipped and why (the end-to-end stage where the device's memory could not hold it), once each."""
+    entries = getattr(result, "entries", [result])
+    found = [e.info.get("end_to_end", {}).get("skipped") for e in entries]
+    return list(dict.fromkeys(m for m in found if m))
+
+
 class Job:
     """A calibration request that the UI's sampling picks up instead of sampling. ``prompts``: what the UI's adapter
     makes its conditions from; ``spread``: None, or ``calibrate_range``'s steps, cfgs, denoises (and what the UI adds

@@ -205,6 +205,8 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
     except CalibrationCancelled:
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()
+    for message in hosts.warnings_of(cal):
+        notify(f"[Calibrated Samplers] {method}: {message}", f"{method}: {message}")
     notify(f"[Calibrated Samplers] {method}: calibrated this run's setting and wrote {path}",
            f"{method}: no file fitted this setting, so it was calibrated now and saved as {os.path.basename(path)}; "
            "later runs at this setting use it.")

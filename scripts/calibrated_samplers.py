@@ -418,6 +418,8 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     what = (f"{len(job.result)} calibrations: {job.result.summary()}" if spread else f"{steps} steps, cfg {cfg:g}")
     print(f"[Calibrated Samplers] wrote {path} ({job.result.method}, {scheduler}, {what}) "
           f"in {time.time() - started:.0f} s")
+    for message in hosts.warnings_of(job.result):
+        print(f"[Calibrated Samplers] {method}: {message}")
     return job.result, path
 
 
@@ -447,6 +449,7 @@ def add_api(app, env, library):
         afs: bool = False
 
     def calibrate_route(req: CalibrateRequest):
+        from calibrated_samplers import hosts
         from calibrated_samplers.calibration.file import CalibrationSet
         try:
             result, path = calibrate_in_webui(env, **req.dict())
@@ -460,7 +463,8 @@ def add_api(app, env, library):
                 "serves": result.summary() if isinstance(result, CalibrationSet) else None,
                 "sigmas": [float(s) for s in cal.sigmas], "fingerprint": cal.info.get("fingerprint"),
                 "residual_before": None if cal.residual_before is None else cal.residual_before.tolist(),
-                "residual_after": None if cal.residual_after is None else cal.residual_after.tolist()}
+                "residual_after": None if cal.residual_after is None else cal.residual_after.tolist(),
+                "warnings": hosts.warnings_of(result)}
 
     def list_route():
         return [{"file": os.path.basename(p), "method": getattr(c, "method", None),
@@ -474,6 +478,7 @@ def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, nega
                  filename, overwrite, progress=None, more_steps="", cfg_list="", denoise_list="", afs=False):
     """The tab's Calibrate button: the method by its name in the sampler list, prompts one per line;
     returns (message, residual picture or None). ``progress(fraction, desc=...)``: Gradio's progress bar."""
+    from calibrated_samplers import hosts
     from calibrated_samplers.calibration.picture import residual_image
     names = labels()
     method = {v: k for k, v in names.items()}.get(label, label)
@@ -488,10 +493,11 @@ def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, nega
                                           denoise_list=denoise_list, afs=bool(afs))
     except (ValueError, FileExistsError, InterruptedError) as e:
         return f"Not calibrated: {e}", None
+    warned = "".join(f" Warning: {m}." for m in hosts.warnings_of(result))
     if hasattr(result, "entries"):
-        return (f"Wrote {path}: {len(result)} calibrations, {result.summary()}",
+        return (f"Wrote {path}: {len(result)} calibrations, {result.summary()}{warned}",
                 (residual_image(result.primary()).numpy() * 255).astype("uint8"))
-    return f"Wrote {path}", (residual_image(result).numpy() * 255).astype("uint8")
+    return f"Wrote {path}{warned}", (residual_image(result).numpy() * 255).astype("uint8")
 
 
 def ui_tab(env):

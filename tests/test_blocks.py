@@ -151,3 +151,49 @@ def test_the_network_is_left_as_it_was_and_samples_the_same(ending):
     again = SAMPLERS["iia_dpmpp_2m"](model, NOISE[:2], SIG, extra_args={"cond": 3, "cfg": 2.0})
     assert torch.equal(image, again)
     model.net.time_mlp._forward_hooks.clear()
+
+
+# ------------------------------------------------------------------ the backward passes planned by the free memory
+class FakeMemory:
+    """A device whose free memory and per-noise backward peak the test sets (DeviceMemory's interface)."""
+
+    def __init__(self, free, per_noise):
+        self.free_bytes, self.per_noise, self.probes = free, per_noise, 0
+
+    def free(self):
+        return self.free_bytes
+
+    def peak(self, work):
+        work()
+        self.probes += 1
+        return self.per_noise
+
+
+def _with_memory(monkeypatch, memory, **options):
+    from calibrated_samplers.calibration import end_to_end as E
+    monkeypatch.setattr(E, "device_memory", lambda device: memory)
+    return calibrate(BED.model, SIG, "iia_dpmpp_2m", NOISE, network=BED.model, **dict(FIT, **options))
+
+
+def test_a_small_free_memory_cuts_the_backward_passes_to_what_fits_and_learns_the_same(monkeypatch):
+    gib = 2 ** 30
+    roomy = _with_memory(monkeypatch, FakeMemory(free=100 * gib, per_noise=gib), budget=12, fit_batch=4)
+    tight_memory = FakeMemory(free=3 * gib, per_noise=gib)  # 80% of 3 GiB holds 2 noises' backward passes
+    tight = _with_memory(monkeypatch, tight_memory, budget=12, fit_batch=4)
+    assert tight_memory.probes == 1
+    assert roomy.info["end_to_end"]["backward_chunk"] == 4  # whole chunks
+    assert tight.info["end_to_end"]["backward_chunk"] == 2  # chunk_size 4 cut in two
+    assert tight.info["model_calls"] > roomy.info["model_calls"]  # smaller calls, more of them
+    curves = [c.info["end_to_end"]["curve"] for c in (roomy, tight)]
+    assert len({rmse for _, rmse in curves[0]}) > 1  # its steps moved the held-out error
+    assert torch.allclose(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-5)
+
+
+def test_where_one_noise_does_not_fit_the_stage_is_skipped_with_a_message_the_user_sees(monkeypatch):
+    from calibrated_samplers import hosts
+    cal = _with_memory(monkeypatch, FakeMemory(free=2 ** 30, per_noise=2 ** 31))
+    e2e = cal.info["end_to_end"]
+    assert e2e["rounds"] == 0 and e2e["best_round"] == 0 and e2e["steps"] == 0
+    assert "skipped" in e2e["skipped"] and "2.00 GiB" in e2e["skipped"] and "1.00 GiB is free" in e2e["skipped"]
+    assert hosts.warnings_of(cal) == [e2e["skipped"]]
+    assert cal.info["end_to_end"]["held_out_rmse"] == e2e["start_held_out_rmse"]  # the per-step fit stands
