@@ -1,18 +1,17 @@
 """Calibration time and peak memory on a GPU: the default calibration (per-step fit, then the end-to-end stage) of a
-random-weight UNet at SDXL's latent size, in bfloat16 as ComfyUI loads it, at two batch sizes and one chunk size.
+real-size network with random weights, in bfloat16 as ComfyUI loads it, at two batch sizes and one chunk size, with
+the end-to-end stage's per-block checkpointing (``calibrate(network=)``) and without it, side by side.
 
-    python benchmarks/gpu.py                      # CUDA: writes benchmarks/GPU.md and benchmarks/gpu.json
+    python benchmarks/gpu.py                      # CUDA, SDXL at 1024 px: writes benchmarks/GPU.md and gpu.json
+    python benchmarks/gpu.py --net sd15 --latent 64  # SD1.5 at 512 px (also: flux, flux-2units)
     python benchmarks/gpu.py --small --device cpu # a small network and latent, to check the script runs (prints only)
 
 The pack must be importable as ``calibrated_samplers`` (``pip install -e .``, or a link of that name to this
-repository on PYTHONPATH); nothing else beyond torch.
-
-The network is not SDXL (whose code and weights the pack does not ship): a conv UNet with SDXL's channel widths
-(320, 640, 1280), its latent (4 x 128 x 128 for 1024 px) and self-attention at the two lower resolutions, with
-random weights and eps prediction on the SD schedule. Its cost per evaluation is of SDXL's order; the ratios are what
-carry over: a calibration's peak over one batched model evaluation of a chunk (cond and uncond together), and the
-seconds against the plain sampling of the same noises. The end-to-end stage checkpoints every step and accumulates
-the gradient chunk by chunk, so its peak should not grow with the batch; the table shows whether it does.
+repository on PYTHONPATH). ``--net`` builds diffusers' own classes at the real configs (``pip install diffusers``;
+benchmarks/scale.py has them): SD1.5's and SDXL's ``UNet2DConditionModel``, Flux's ``FluxTransformer2DModel`` at its
+width with 1 (or 2) of its 19 units of blocks. ``--small`` is a small conv UNet of this file, only to check the script.
+What carries over are the ratios: a calibration's peak over one batched model evaluation of a chunk (cond and uncond
+together), and the seconds against the plain sampling of the same noises.
 """
 import argparse
 import json
@@ -116,6 +115,23 @@ class EpsDenoiser(nn.Module):
         return (x.float() - sigma[:, None, None, None] * eps).to(x.dtype)
 
 
+class Guided(torch.nn.Module):
+    """Classifier-free guidance over a denoiser ``den(x, sigma)`` of scale.py: cond and uncond in one batch (the same
+    conditioning here: what is measured is the cost), the network in ``dtype``, the sampler's arithmetic in float32."""
+
+    def __init__(self, den, dtype):
+        super().__init__()
+        self.den, self.dtype = den, dtype
+
+    def forward(self, x, sigma, cfg=1.0, **unused):
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        xin = x.to(self.dtype)
+        if cfg == 1.0:
+            return self.den(xin, sigma.to(self.dtype)).float()
+        c, u = self.den(torch.cat([xin, xin]), torch.cat([sigma, sigma]).to(self.dtype)).float().chunk(2)
+        return u + cfg * (c - u)
+
+
 class Meter:
     """Seconds and peak memory above the level at entry (CUDA: allocated by torch; CPU: resident set)."""
 
@@ -149,10 +165,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--small", action="store_true", help="a small network and latent (channels 32-128, 32 x 32)")
+    ap.add_argument("--net", default="sdxl", choices=["sd15", "sdxl", "flux", "flux-2units"],
+                    help="the real class and config (diffusers) unless --small")
     ap.add_argument("--latent", type=int, default=None, help="latent side (default 128: SDXL at 1024 px)")
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--chunk", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--fine-steps", type=int, default=10, help="the teacher's sub-steps (calibrate's fine_steps)")
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--max-minutes", type=float, default=2.0, help="cap on each end-to-end stage (0: none)")
     ap.add_argument("--out", default=None, help="write <out>.md and <out, lower case>.json (default on CUDA: benchmarks/GPU)")
@@ -162,17 +181,26 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     side = args.latent or (32 if args.small else 128)
-    channels = (32, 64, 128) if args.small else (320, 640, 1280)
-    net = UNet(channels, emb=128 if args.small else 1280).to(device, dtype).eval().requires_grad_(False)
-    # random weights give outputs of arbitrary scale: shrink the last conv so eps is of order one
-    with torch.no_grad():
-        net.out[-1].weight.mul_(0.1)
-    model = EpsDenoiser(net)
-    params = sum(p.numel() for p in net.parameters())
     sched = DiscreteSchedule()
-    sigmas = karras(args.steps, sched.sigma_min, sched.sigma_max)
+    if args.small:
+        net = UNet((32, 64, 128), emb=128).to(device, dtype).eval().requires_grad_(False)
+        # random weights give outputs of arbitrary scale: shrink the last conv so eps is of order one
+        with torch.no_grad():
+            net.out[-1].weight.mul_(0.1)
+        model, channels, family, sigma_min = EpsDenoiser(net), 4, "eps", sched.sigma_min
+        sigmas = karras(args.steps, sched.sigma_min, sched.sigma_max)
+    else:
+        import scale
+        from calibrated_samplers.calibration.testbed.analytic import flow_sigmas
+        den, net, channels, _ = scale.build(args.net)
+        net = net.to(device, dtype).eval().requires_grad_(False)
+        flow = args.net.startswith("flux")
+        model, family = Guided(den, dtype), "flow" if flow else "eps"
+        sigma_min = None if flow else sched.sigma_min
+        sigmas = flow_sigmas(args.steps, shift=3.0) if flow else karras(args.steps, sched.sigma_min, sched.sigma_max)
+    params = sum(p.numel() for p in net.parameters())
     conditions = [{"cond": 0, "cfg": args.cfg}, {"cond": 1, "cfg": args.cfg}]
-    shape = (4, side, side)
+    shape = (channels, side, side)
 
     with torch.no_grad():
         x = torch.randn(args.chunk, *shape, device=device) * float(sigmas[0])
@@ -180,20 +208,24 @@ def main(argv=None):
         with Meter(device) as one:
             model(x, sigmas[0], **conditions[0])
     rows = []
-    for batch in args.batches:
+    # every batch with the blocks checkpointed; the first also without, for the ratio
+    for batch, blocks in [(b, True) for b in args.batches[:1]] + [(args.batches[0], False)] + [
+            (b, True) for b in args.batches[1:]]:
         noise = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device) * float(sigmas[0])
         with torch.no_grad(), Meter(device) as plain:
             per = batch // len(conditions)
             for j, c in enumerate(conditions):
                 for a in range(j * per, (j + 1) * per, args.chunk):
                     SAMPLERS["iia_dpmpp_2m"](model, noise[a:min(a + args.chunk, (j + 1) * per)], sigmas, extra_args=c,
-                                             family="eps")
+                                             family=family)
         with Meter(device) as cal_m:
-            cal = calibrate(model, sigmas, "iia_dpmpp_2m", noise, conditions, family="eps", chunk_size=args.chunk,
-                            sigma_min=sched.sigma_min,
+            cal = calibrate(model, sigmas, "iia_dpmpp_2m", noise, conditions, family=family, chunk_size=args.chunk,
+                            sigma_min=sigma_min, network=net if blocks else None, fine_steps=args.fine_steps,
                             time_limit=60 * args.max_minutes if args.max_minutes else None)
         e2e = cal.info.get("end_to_end", {})
-        rows.append({"batch": batch, "chunk": args.chunk, "plain_sampling_seconds": round(plain.seconds, 2),
+        rows.append({"batch": batch, "chunk": args.chunk, "blocks_checkpointed": blocks,
+                     "backward_chunk": e2e.get("backward_chunk"), "skipped": e2e.get("skipped"),
+                     "plain_sampling_seconds": round(plain.seconds, 2),
                      "calibration_seconds": round(cal_m.seconds, 2),
                      "end_to_end_seconds": e2e.get("seconds"), "calibration_peak_gib": round(cal_m.peak_gib, 3),
                      "peak_over_one_evaluation": round(cal_m.peak_gib / max(one.peak_gib, 1e-9), 2),
@@ -202,7 +234,7 @@ def main(argv=None):
                      "held_out_rmse": [e2e.get("start_held_out_rmse"), e2e.get("held_out_rmse")]})
         print(json.dumps(rows[-1]), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    report = {"device": name, "dtype": args.dtype, "latent": list(shape), "network_parameters": params,
+    report = {"device": name, "net": "small" if args.small else args.net, "dtype": args.dtype, "latent": list(shape), "network_parameters": params,
               "steps": args.steps, "cfg": args.cfg, "one_evaluation": {"chunk": args.chunk, "seconds": round(
                   one.seconds, 4), "peak_gib": round(one.peak_gib, 3)}, "rows": rows,
               "torch": torch.__version__, "command": "python benchmarks/gpu.py " + " ".join(argv or sys.argv[1:])}
@@ -214,15 +246,17 @@ def main(argv=None):
     with open(os.path.join(os.path.dirname(out), os.path.basename(out).lower() + ".json"), "w") as f:
         json.dump(report, f, indent=1)
     lines = [f"# Calibration time and memory on {name}", "",
-             f"`{report['command']}` (torch {torch.__version__}). Random-weight conv UNet with SDXL's widths "
+             f"`{report['command']}` (torch {torch.__version__}). Random-weight {report['net']} "
              f"({params / 1e6:.0f} M parameters, {args.dtype}), latent {'x'.join(map(str, shape))}, "
              f"iia_dpmpp_2m at {args.steps} steps, cfg {args.cfg:g} (cond and uncond batched), chunk {args.chunk}, "
              f"end-to-end stage capped at {args.max_minutes:g} min. One batched evaluation of a chunk: "
              f"{one.seconds * 1000:.0f} ms, {one.peak_gib:.2f} GiB above the weights.", "",
-             "| batch | plain sampling (s) | calibration (s) | of which end to end (s) | peak (GiB) | peak / one evaluation "
-             "| evaluations per noise |", "|---|---|---|---|---|---|---|"]
+             "| batch | blocks checkpointed | backward chunk | plain sampling (s) | calibration (s) | of which end to "
+             "end (s) | peak (GiB) | peak / one evaluation | evaluations per noise |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['plain_sampling_seconds']} | {r['calibration_seconds']} | "
+        lines.append(f"| {r['batch']} | {'yes' if r['blocks_checkpointed'] else 'no'} | "
+                     f"{r['backward_chunk'] or r['skipped'] or 'whole chunks'} | {r['plain_sampling_seconds']} | "
+                     f"{r['calibration_seconds']} | "
                      f"{r['end_to_end_seconds']} | {r['calibration_peak_gib']} | {r['peak_over_one_evaluation']} | "
                      f"{r['evaluations_per_sample']} |")
     with open(out + ".md", "w") as f:

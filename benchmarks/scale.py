@@ -65,12 +65,19 @@ class Eps(torch.nn.Module):
 
     def __init__(self, net, extra):
         super().__init__()
+        self.net, self.extra, self.on_device = net, extra, {}
+
+    def schedule(self, device):
+        """SD's schedule with its tables on ``device`` (no host round trip per call)."""
         from calibrated_samplers.calibration.testbed.analytic import DiscreteSchedule
-        self.net, self.extra, self.schedule = net, extra, DiscreteSchedule()
+        if device not in self.on_device:
+            s = self.on_device[device] = DiscreteSchedule()
+            s.sigmas, s.log_sigmas = s.sigmas.to(device), s.log_sigmas.to(device)
+        return self.on_device[device]
 
     def forward(self, x, sigma):
         sigma = sigma.to(x.dtype)
-        t = self.schedule.sigma_to_t(sigma.float())
+        t = self.schedule(x.device).sigma_to_t(sigma.float())
         c_in = (1 / (sigma ** 2 + 1).sqrt())[:, None, None, None]
         eps = self.net(x * c_in, t, **self.extra(x.shape[0]), return_dict=False)[0]
         return x - sigma[:, None, None, None] * eps
@@ -87,13 +94,13 @@ class Flow(torch.nn.Module):
         sigma = sigma.to(x.dtype)
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-        img_ids = torch.zeros(h // 2, w // 2, 3)
-        img_ids[..., 1] += torch.arange(h // 2)[:, None]
-        img_ids[..., 2] += torch.arange(w // 2)[None, :]
-        v = self.net(tokens, encoder_hidden_states=torch.zeros(b, FLUX_TEXT_TOKENS, FLUX["joint_attention_dim"]),
-                     pooled_projections=torch.zeros(b, FLUX["pooled_projection_dim"]), timestep=sigma.float(),
-                     img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(FLUX_TEXT_TOKENS, 3),
-                     guidance=torch.full((b,), 3.5), return_dict=False)[0]
+        img_ids = x.new_zeros(h // 2, w // 2, 3)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+        v = self.net(tokens, encoder_hidden_states=x.new_zeros(b, FLUX_TEXT_TOKENS, FLUX["joint_attention_dim"]),
+                     pooled_projections=x.new_zeros(b, FLUX["pooled_projection_dim"]), timestep=sigma,
+                     img_ids=img_ids.reshape(-1, 3), txt_ids=x.new_zeros(FLUX_TEXT_TOKENS, 3),
+                     guidance=x.new_full((b,), 3.5), return_dict=False)[0]
         v = v.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
         return x - sigma[:, None, None, None] * v
 
@@ -107,9 +114,10 @@ def build(name):
         width = 768 if name == "sd15" else 2048
 
         def extra(b):
-            kw = {"encoder_hidden_states": torch.zeros(b, 77, width)}
+            like = next(net.parameters())
+            kw = {"encoder_hidden_states": like.new_zeros(b, 77, width)}
             if name == "sdxl":
-                kw["added_cond_kwargs"] = {"text_embeds": torch.zeros(b, 1280), "time_ids": torch.zeros(b, 6)}
+                kw["added_cond_kwargs"] = {"text_embeds": like.new_zeros(b, 1280), "time_ids": like.new_zeros(b, 6)}
             return kw
         return Eps(net, extra), net, 4, 1.0
     from diffusers import FluxTransformer2DModel
@@ -194,11 +202,12 @@ def default_evaluations():
     sig = bed.sigmas(NODE["steps"])
     cal = calibrate(bed.model, sig, NODE["sampler"], bed.noise(NODE["batch_size"], 0, sig), bed.conditions(1.0),
                     family=bed.family, shift=bed.shift, fine_steps=NODE["fine_steps"], chunk_size=NODE["chunk_size"])
-    e2e = cal.info["end_to_end"]
-    stage = (e2e["forward_evaluations"] + e2e["backward_evaluations"]) / NODE["batch_size"]
-    total = cal.info["model_evaluations_per_sample"]
-    return {"per_step_fit_and_checks": round(total - stage, 1), "stage_forward_and_recomputed": round(stage, 1),
-            "stage_backward": round(e2e["backward_evaluations"] / NODE["batch_size"], 1), "total": round(total, 1)}
+    e2e, n = cal.info["end_to_end"], NODE["batch_size"]
+    total = cal.info["model_evaluations_per_sample"]  # forward model calls per noise, the stage's included
+    return {"per_step_fit_and_checks": round(total - e2e["forward_evaluations"] / n, 1),
+            "stage_forward": round(e2e["forward_evaluations"] / n, 1),
+            "stage_backward": round(e2e["backward_evaluations"] / n, 1),
+            "stage_equivalents": e2e["evaluations_per_sample"], "total_forward": round(total, 1)}
 
 
 def report(rows, quick):
@@ -259,9 +268,10 @@ def predictions(models, nets, evaluations):
     lines += ["", f"Model evaluations per noise of the node's default calibration ({NODE['sampler']}, "
               f"{NODE['batch_size']} noises, {NODE['steps']} steps, fine_steps {NODE['fine_steps']}), counted on the "
               f"bundled analytic model (the counts do not depend on the network): per-step fit, teacher and checks "
-              f"{e['per_step_fit_and_checks']}, end-to-end stage {e['stage_forward_and_recomputed']} forward "
-              f"(of which {e['stage_backward']} recomputed in its backward passes, each also one backward), "
-              f"{e['total']} in all; each a CFG pair where cfg > 1."]
+              f"{e['per_step_fit_and_checks']}; end-to-end stage {e['stage_forward']} forward and "
+              f"{e['stage_backward']} backward passes (each recomputes its step's forward: "
+              f"{e['stage_equivalents']} inference-call equivalents, a backward counted as two); each a CFG pair "
+              f"where cfg > 1. With blocks checkpointed each backward recomputes the forward once more."]
     return lines
 
 
@@ -286,6 +296,8 @@ def main():
     p.add_argument("--child")
     p.add_argument("--nets", nargs="+", default=["sd15", "sdxl", "flux", "flux-2units"])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="measure only these (the rest of "
+                   "scale.json stays)")
     p.add_argument("--report", action="store_true", help="only write SCALE.md from scale.json")
     args = p.parse_args()
     if args.child:
@@ -294,11 +306,13 @@ def main():
     rows = []
     if not args.quick and os.path.exists(path):  # the other networks' rows stay
         with open(path) as f:
-            rows = [r for r in json.load(f)["rows"] if args.report or r["net"] not in args.nets]
+            rows = [r for r in json.load(f)["rows"]
+                    if args.report or r["net"] not in args.nets or r.get("mode", "-") not in args.modes]
     fit_points, held = (QUICK_FIT, QUICK_HELD) if args.quick else (FIT, HELD)
     for name in [] if args.report else args.nets:
         sizes = fit_points + held if name != "flux-2units" else fit_points
-        rows += measure(name, [(mode, side, chunk) for mode in MODES for side, chunk in sizes])
+        measured = measure(name, [(mode, side, chunk) for mode in args.modes for side, chunk in sizes])
+        rows = [r for r in rows if not ("weights" in r and r["net"] == name)] + measured
         if not args.quick:
             with open(path, "w") as f:
                 json.dump({"rows": rows}, f, indent=1)

@@ -6,9 +6,13 @@ call's peak per sample. Within ``checkpointed_blocks(network)`` each block of th
 recomputes its own activations when the backward pass reaches it, so the peak is the blocks' inputs and outputs
 plus one block's activations (benchmarks/scale.py measures it), for one more forward pass of the step.
 
-A block is what ComfyUI's trainer (``comfy_extras/nodes_train.py``) checkpoints: the highest modules under the
-network that are not containers (``ModuleList``, ``Sequential``, ``ModuleDict``), here only those with weights. That
-rule is the same for ComfyUI's and Forge's UNets and DiTs and for diffusers' classes, whatever their names.
+A block is, as in ComfyUI's trainer (``comfy_extras/nodes_train.py``), one of the highest modules under the network
+that are not containers (``ModuleList``, ``Sequential``, ``ModuleDict``), here only those with weights, and one step
+finer: a module that holds a ``ModuleList`` of its own (a UNet level's lists of ResNets and attentions, a spatial
+transformer's list of transformer blocks) is looked into as well, so a block is one ResNet or one transformer block,
+not a whole resolution level of them; a ``Sequential`` inside a block (a ResNet's layers) stays in it (on SD1.5 at 512 px the whole levels kept 2.5x an inference call's peak less than
+no checkpointing; benchmarks/SCALE.md has the finer rule's figures). The rule is the same for ComfyUI's and Forge's
+UNets and DiTs and for diffusers' classes, whatever their names.
 Leaving the block restores each module exactly as it was: nothing of the patch stays on the model.
 """
 from contextlib import contextmanager
@@ -27,7 +31,7 @@ def blocks_of(network):
 
     def visit(module):
         for child in module.children():
-            if isinstance(child, CONTAINERS):
+            if isinstance(child, CONTAINERS) or any(isinstance(c, nn.ModuleList) for c in child.children()):
                 visit(child)
             elif any(True for _ in child.parameters()):
                 found.append(child)

@@ -19,10 +19,12 @@ def test_small_bf16_run_writes_a_report_per_batch(tmp_path):
         spec.loader.exec_module(gpu)
         out = str(tmp_path / "GPU")
         report = gpu.main(["--small", "--device", "cpu", "--dtype", "bfloat16", "--latent", "16", "--steps", "3",
+                           "--fine-steps", "2",
                            "--batches", "6", "8", "--chunk", "2", "--max-minutes", "0.02", "--out", out])
     finally:
         sys.path.remove(BENCH)
-    assert [r["batch"] for r in report["rows"]] == [6, 8]
+    # each batch with the network's blocks checkpointed, the first also without, side by side
+    assert [(r["batch"], r["blocks_checkpointed"]) for r in report["rows"]] == [(6, True), (6, False), (8, True)]
     assert all(r["evaluations_per_sample"] > 0 and r["calibration_seconds"] > 0 for r in report["rows"])
     assert json.load(open(os.path.join(os.path.dirname(out), "gpu.json")))["dtype"] == "bfloat16"
     table = open(out + ".md").read()
