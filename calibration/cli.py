@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from .progress import TimeLeft
+
 
 def _schedule(bed, sampler, steps, evaluations, options=None):
     from ..samplers import steps_for_evaluations
@@ -54,13 +56,7 @@ def cmd_calibrate(args):
     options = {"afs": True} if args.afs else {}
     sig = _schedule(bed, args.sampler, args.steps, args.evaluations, options)
     noise = bed.noise(args.batch, args.seed, sig)
-    width = 40
-
-    def progress(done, total):
-        filled = int(width * done / max(total, 1))
-        print(f"\rcalibrating [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr,
-              flush=True)
-
+    progress = _bar()
     cal = calibrate(bed.model, sig, args.sampler, noise, conditions, family=bed.family, shift=bed.shift,
                     fine_steps=args.fine_steps, target=args.target, chunk_size=args.chunk_size,
                     holdout=args.holdout, sigma_min=bed.sigma_min, end_to_end=args.end_to_end,
@@ -81,10 +77,12 @@ def cmd_calibrate(args):
 
 
 def _bar(width=40):
+    left = TimeLeft()
+
     def progress(done, total):
         filled = int(width * done / max(total, 1))
-        print(f"\rcalibrating [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr,
-              flush=True)
+        print(f"\rcalibrating [{'#' * filled}{'.' * (width - filled)}] {done}/{total}, {left.text(done, total)}   ",
+              end="", file=sys.stderr, flush=True)
     return progress
 
 

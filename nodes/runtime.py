@@ -12,6 +12,7 @@ import torch
 from .. import hosts
 from ..calibration import CalibrationCancelled
 from ..calibration.end_to_end import normal_weights
+from ..calibration.progress import TimeLeft
 from ..calibration.identity import fingerprint, named_weights, tensor_digest
 from ..calibration.file import CalibrationSet
 from ..calibration.library import cfg_mismatch, check_model
@@ -115,14 +116,26 @@ def find_or_warn(name, library, sigmas, family, fingerprint, cfg, fix, fit=None,
 
 
 def comfy_progress():
-    """A progress(done, total) that drives the running node's ComfyUI progress bar."""
+    """A progress(done, total) that drives the running node's ComfyUI progress bar and shows the time left on the node
+    (and in the console each tenth of the way)."""
     import comfy.utils
-    bar = []
+    bar, left, said = [], TimeLeft(), [-1]
 
     def progress(done, total):
         if not bar:
             bar.append(comfy.utils.ProgressBar(total))
         bar[0].update_absolute(done, total)
+        text = f"calibrating: {left.text(done, total)}"
+        try:
+            from server import PromptServer
+            server = PromptServer.instance
+            server.send_progress_text(text, server.last_node_id)
+        except (ImportError, AttributeError):  # outside a server, or a ComfyUI without progress text
+            pass
+        tenth = int(10 * done / max(total, 1))
+        if tenth > said[0]:
+            said[0] = tenth
+            log.info("[Calibrated Samplers] %s", text)
     return progress
 
 

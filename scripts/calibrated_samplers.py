@@ -355,6 +355,7 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     import torch
     from modules import call_queue, processing, shared
     from calibrated_samplers import hosts
+    from calibrated_samplers.calibration.progress import TimeLeft
     from calibrated_samplers.calibration.requests import (check_entries, check_request, output_path, parse_cfgs,
                                                           parse_denoises, parse_steps)
     calibrated = calibrated_methods()
@@ -378,8 +379,11 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     path = output_path(folder, filename, overwrite)
     g = torch.Generator().manual_seed(int(seed))
 
+    left = TimeLeft()
+
     def progress(done, total):
         shared.state.sampling_step, shared.state.sampling_steps = done, total
+        shared.state.textinfo = f"Calibrated Samplers: calibrating {method}, {left.text(done, total)}"
         if on_progress is not None:
             on_progress(done, total)
 
@@ -480,12 +484,15 @@ def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, nega
     returns (message, residual picture or None). ``progress(fraction, desc=...)``: Gradio's progress bar."""
     from calibrated_samplers import hosts
     from calibrated_samplers.calibration.picture import residual_image
+    from calibrated_samplers.calibration.progress import TimeLeft
     names = labels()
     method = {v: k for k, v in names.items()}.get(label, label)
 
+    left = TimeLeft()
+
     def on_progress(done, total):
         if progress is not None and total:
-            progress(done / total, desc=f"calibrating {names.get(method, method)}")
+            progress(done / total, desc=f"calibrating {names.get(method, method)}: {left.text(done, total)}")
     try:
         result, path = calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts.splitlines(),
                                           negative, batch_size, fine_steps, seed, filename, overwrite=overwrite,

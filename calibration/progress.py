@@ -1,0 +1,30 @@
+"""The time a calibration has left, from its progress so far, as one short text every UI shows the same way."""
+import time
+
+
+def _duration(seconds):
+    if seconds < 60:
+        return "under a minute"
+    minutes = round(seconds / 60)
+    return f"about {minutes} min" if minutes < 60 else f"about {minutes // 60} h {minutes % 60:02d} min"
+
+
+class TimeLeft:
+    """``text(done, total)``: how far the work is and, once a unit of it is done, about how long is left.
+
+    The rate is measured from the first call on (the setup before it, the model's loading, is not the work's pace);
+    the stages differ in cost per progress unit, so the estimate is rough and says so ("about").
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.clock, self.start = clock, None
+
+    def text(self, done, total):
+        now, share = self.clock(), f"{100 * done / max(total, 1):.0f}%"
+        if self.start is None or done <= self.start[1]:
+            if self.start is None:
+                self.start = (now, done)
+            return f"{share}, estimating the time left"
+        t0, d0 = self.start
+        left = (now - t0) / (done - d0) * max(total - done, 0)
+        return f"{share}, {_duration(left)} left"
