@@ -263,6 +263,14 @@ def _checked(sampler, sigmas, noise, extra_args, settings):
     return fn, sigmas, conditions
 
 
+def progress_units(count):
+    """Declares a stage's share of the progress bar: ``count(st)`` units, known once the plan has run."""
+    def declare(stage):
+        stage.units = count
+        return stage
+    return declare
+
+
 def _raised_start(st):
     """Start from a raised last positive sigma where the plain solver ends closer to the teacher (_raised_end)."""
     if (st.end_to_end and st.validate and st.holdout > 0 and st.learn_sigmas is True and st.shared_teacher is None
@@ -289,14 +297,10 @@ def _plan(st):
     # schedule-only (LD3-style) runs keep the base solver's parameters
     st.sequential = sequential = st.learn_params or not st.end_to_end
     st.kind.setup(st)
-    units = st.kind.fit_units(run.n_steps, n_chunks, 1 if run.sig[-1] == 0 else 0) if sequential else 0
     st.teacher_chunks = n_chunks if (st.target == "trajectory" and sequential) or st.end_to_end else (
         len(held) if st.validate else 0)
-    n_candidates = (len(STRENGTHS) if sequential else 1) + (1 if st.user_options != st.options else 0)
-    run.total = units + run.n_steps * st.teacher_chunks + (n_candidates * len(held) if st.validate else 0)
-    run.total += E2E_UNITS if st.end_to_end else 0
     st.raised = st.start_schedule is not None and not torch.equal(run.sigmas.cpu().to(torch.float64), st.requested)
-    run.total += len(held) if st.raised else 0  # the final check of the plain solver on the requested schedule
+    run.total = sum(stage.units(st) for stage in STAGES if hasattr(stage, "units"))
     if st.shared_teacher is not None and (st.target != "trajectory" or not st.shared_teacher.covers(run.sig)):
         st.shared_teacher = None
     st.teacher = (Teacher(run, st.fn.base, int(st.fine_steps), st.options) if st.shared_teacher is None
@@ -306,6 +310,8 @@ def _plan(st):
     st.endpoint, st.strength, st.sample_sigmas = None, 1.0, None
 
 
+@progress_units(lambda st: (st.kind.fit_units(st.run.n_steps, len(st.run.chunks), 1 if st.run.sig[-1] == 0 else 0)
+                            if st.sequential else 0) + st.run.n_steps * st.teacher_chunks)  # the fit, the teacher
 def _per_step_fit(st):
     """Each step's parameters fitted in turn to the teacher (or the base solver's, for a schedule-only fit)."""
     run = st.run
@@ -319,6 +325,8 @@ def _per_step_fit(st):
                 st.teacher.advance(i, range(len(run.chunks)) if st.end_to_end else st.held)
 
 
+@progress_units(lambda st: ((len(STRENGTHS) if st.sequential else 1) + (st.user_options != st.options)) * len(st.held)
+                if st.validate else 0)  # each candidate samples the held-out noises
 def _strength_check(st):
     """The fit scaled towards the base solver (and the plain sampler as asked), judged on the held-out noises."""
     if not (st.validate and st.held):
@@ -339,6 +347,7 @@ def _strength_check(st):
             st.fallback = torch.ones_like(st.fallback)
 
 
+@progress_units(lambda st: E2E_UNITS if st.end_to_end else 0)
 def _end_to_end(st):
     """Every step's parameters (and the time steps) learned jointly through the sampler (end_to_end.py).
 
@@ -394,6 +403,7 @@ def _end_to_end(st):
                                           "rmse": e2e["held_out_rmse"]}]
 
 
+@progress_units(lambda st: len(st.held) if st.raised else 0)  # the plain solver on the requested schedule
 def _requested_check(st):
     """The base a calibration must never end worse than is the plain solver on the schedule the user asked for,
     not only on the raised one the probe (on fit noises) preferred: the same held-out noises judge both."""
