@@ -10,6 +10,8 @@ Into sigma = 0 a step is one plain base step with no intermediate evaluation.
 """
 from functools import partial
 
+import torch
+
 from . import base as B
 from .core import CalibrationMismatch, calibrated_sampler, expm1, hypot, sigma_list
 from .registry import register
@@ -36,6 +38,15 @@ def _first_substep(kind, x, d, D, s, s_to, hist, family, opts):
     return x + (s_to - s) * d
 
 
+STEP_RULE = "0 < r <= 1 and a > 0"  # what every AMED step needs, where it is sampled and where a file is loaded
+
+
+def valid_steps(r, a):
+    """Whether the steps' ``r`` and ``a`` (numbers or tensors of them) all keep STEP_RULE."""
+    r, a = torch.as_tensor(r), torch.as_tensor(a)
+    return bool(((r > 0) & (r <= 1) & (a > 0)).all())
+
+
 def amed_parts(kind, ev, x, i, sig, hist, family, r, a, afs, **opts):
     """One AMED step split as (A, B, records): x_next = A + c * B (B is None into sigma = 0)."""
     s, s_next = sig[i], sig[i + 1]
@@ -44,8 +55,8 @@ def amed_parts(kind, ev, x, i, sig, hist, family, r, a, afs, **opts):
     q = {"x": x, "D": D, "d": d, "s": s}
     if s_next == 0:
         return _first_substep(kind, x, d, D, s, s_next, hist, family, opts), None, [q]
-    if not 0 < r <= 1 or a <= 0:
-        raise CalibrationMismatch(f"AMED step {i}: need 0 < r <= 1 and a > 0, got r={r}, a={a}")
+    if not valid_steps(r, a):
+        raise CalibrationMismatch(f"AMED step {i}: need {STEP_RULE}, got r={r}, a={a}")
     s_mid = s_next ** r * s ** (1 - r)
     y = _first_substep(kind, x, d, D, s, s_mid, hist, family, opts)
     D_mid = ev(y, a * s_mid)

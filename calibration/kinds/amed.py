@@ -48,8 +48,8 @@ class AMED(Kind):
         for k in ("r", "c", "a"):
             if cal.params[k].ndim != 1:
                 fail(f"AMED parameter {k!r} must be one number per step")
-        if not ((cal.params["r"] > 0) & (cal.params["r"] <= 1)).all() or not (cal.params["a"] > 0).all():
-            fail("AMED needs 0 < r <= 1 and a > 0 at every step")
+        if not A.valid_steps(cal.params["r"], cal.params["a"]):
+            fail(f"AMED needs {A.STEP_RULE} at every step")
 
 
 class _Line:
