@@ -211,9 +211,10 @@ def default_evaluations():
 
 
 def report(rows, quick):
-    """The measured table per network with the cost model's fit and its errors on the held-back points."""
+    """The measured table per network with the cost model's fit and its errors on the held-back points; also the
+    model's worst under-prediction there per network and mode (the margin the predictions add)."""
     fit_points = set(QUICK_FIT if quick else FIT)
-    lines, models = [], {}
+    lines, models, margins = [], {}, {}
     for n in [r for r in rows if "weights" in r]:
         lines += [f"### {n['net']}: {n['parameters'] / 1e6:.0f}M parameters ({n['weights'] / MiB:.0f} MiB in float32)",
                   "", "| mode | latent | chunk | peak MiB | cost model MiB | error | seconds |",
@@ -221,16 +222,20 @@ def report(rows, quick):
         for mode in MODES:
             own = [r for r in rows if r.get("net") == n["net"] and r.get("mode") == mode]
             coef = models[(n["net"], mode)] = fit([r for r in own if (r["side"], r["chunk"]) in fit_points])
+            margins[(n["net"], mode)] = 0.0
             for r in own:
                 pred = predict(coef, r["side"], r["chunk"])
-                held = "" if (r["side"], r["chunk"]) in fit_points else " held back"
+                held = (r["side"], r["chunk"]) not in fit_points
+                if held:
+                    margins[(n["net"], mode)] = max(margins[(n["net"], mode)], r["peak"] / pred - 1)
                 lines.append(f"| {mode} | {r['side']}x{r['side']} | {r['chunk']} | {r['peak'] / MiB:.0f} | "
-                             f"{pred / MiB:.0f} | {100 * (pred / r['peak'] - 1):+.0f}%{held} | {r['seconds']:.1f} |")
+                             f"{pred / MiB:.0f} | {100 * (pred / r['peak'] - 1):+.0f}%{' held back' if held else ''} | "
+                             f"{r['seconds']:.1f} |")
         lines.append("")
-    return lines, models
+    return lines, models, margins
 
 
-def full_flux(models, nets):
+def full_flux(models, margins, nets):
     """Flux.1's 19 units (one double and two single blocks each) from the 1- and 2-unit networks: linear in depth."""
     one, two = nets.get("flux"), nets.get("flux-2units")
     if one is None or two is None:
@@ -239,15 +244,18 @@ def full_flux(models, nets):
     for mode in MODES:
         a, b = models[("flux", mode)], models[("flux-2units", mode)]
         models[("flux-full", mode)] = [x + (units - 1) * (y - x) for x, y in zip(a, b)]
+        margins[("flux-full", mode)] = margins[("flux", mode)]
     return one["parameters"] + (units - 1) * (two["parameters"] - one["parameters"])
 
 
-def predictions(models, nets, evaluations):
-    """Peak memory of the node's default calibration at each network's native size, and the largest chunk per card."""
+def predictions(models, margins, nets, evaluations):
+    """Peak memory of the node's default calibration at each network's native size, and the largest chunk per card.
+    Each prediction adds its mode's worst held-back under-prediction (``margins``): the sizes here are larger than
+    any measured, so the model is used where it erred most on the side that runs out of memory."""
     params = {"sd15": nets.get("sd15", {}).get("parameters"), "sdxl": nets.get("sdxl", {}).get("parameters"),
-              "flux": full_flux(models, nets)}
+              "flux": full_flux(models, margins, nets)}
     lines = ["| network at its size | weights | samples per call | inference call | stage | stage, blocks "
-             "checkpointed | largest chunk for 8 / 12 / 16 / 24 GB (stage, blocks) |", "|---|---|---|---|---|---|---|"]
+             "checkpointed | largest call for 8 / 12 / 16 / 24 GB (stage, blocks) |", "|---|---|---|---|---|---|---|"]
     for net, (side, wdtype, wbytes) in TARGETS.items():
         key = "flux-full" if net == "flux" else net
         if params[net] is None or (key, "inference") not in models:
@@ -255,12 +263,12 @@ def predictions(models, nets, evaluations):
         weights = params[net] * wbytes
         samples = NODE["chunk_size"] * (1 if net == "flux" else 2)  # a CFG pair is two samples; Flux runs cfg 1
         # measured in float32; half-precision compute halves the activations
-        peak = {m: weights + 0.5 * predict(models[(key, m)], side, samples) for m in MODES}
-        fits = []
+        peak = {m: weights + 0.5 * (1 + margins[(key, m)]) * predict(models[(key, m)], side, samples) for m in MODES}
+        fits, grow = [], 1 + margins[(key, "stage_blocks")]
         for gb in (8, 12, 16, 24):
             g, a, b = models[(key, "stage_blocks")]
-            per = 0.5 * (a + b * side * side / 4096)
-            fits.append(str(max(0, int((gb * 1e9 - weights - 0.5 * g) // per))))
+            per = 0.5 * grow * (a + b * side * side / 4096)
+            fits.append(str(max(0, int((gb * 1e9 - weights - 0.5 * grow * g) // per))))
         lines.append(f"| {net} {side * 8} px | {weights / 1e9:.1f} GB {wdtype} | {samples} | "
                      f"{peak['inference'] / 1e9:.1f} GB | {peak['stage'] / 1e9:.1f} GB | "
                      f"{peak['stage_blocks'] / 1e9:.1f} GB | {' / '.join(fits)} samples |")
@@ -277,13 +285,14 @@ def predictions(models, nets, evaluations):
 
 def write(rows, quick):
     nets = {r["net"]: r for r in rows if "weights" in r}
-    table, models = report(rows, quick)
+    table, models, margins = report(rows, quick)
     head = ["# Calibration cost at real scale", "",
             "Peak resident memory above the weights of one model call as each stage of a calibration makes it, on "
             "diffusers' real classes at real width with random weights, float32 on this machine's CPU (one thread); "
             "measured and reproduced by `python benchmarks/scale.py` (modes and cost model: its docstring).", ""]
-    pred = predictions(models, nets, default_evaluations()) if not quick else []
-    text = head + ["## Predicted for the default calibration (fp16/bf16 compute: half the float32 activations)",
+    pred = predictions(models, margins, nets, default_evaluations()) if not quick else []
+    text = head + ["## Predicted for the default calibration (fp16/bf16 compute: half the float32 activations; each "
+                   "figure with its mode's worst held-back under-prediction added)",
                    ""] + pred + ["", "## Measured, and the cost model's fit", ""] + table
     print("\n".join(text))
     if not quick:
