@@ -17,6 +17,7 @@ other data (benchmarks/PROTOCOL.md): no setting of the calibration was chosen on
 have no Frechet distance or class accuracy (the digit classifier knows digits only).
 """
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import inspect
@@ -620,10 +621,27 @@ def fingerprint():
     return h.hexdigest()[:16]
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One measurement run in a process of its own: a setting's cells at one evaluation count, its image grid or its
+    cost curve, with what every job shares (noises, threads, output folder, samplers, the code's fingerprint)."""
+    kind: str  # "cells", "grid" or "curve"
+    model: str
+    cfg: float
+    evaluations: int
+    n_test: int
+    n_cal: int
+    threads: int
+    out: str
+    with_curve: bool
+    calibrated: list
+    code: str
+
+
 def job_file(job):
     """Where one job's result is kept, so a run cut short can go on (``--resume``) with the jobs it has not done."""
-    kind, model_name, cfg, n, n_test, n_cal, threads, out = job[:8]
-    return os.path.join(out, "partial", f"{kind}_{model_name}_cfg{cfg:g}_{n}_{n_test}x{n_cal}.json")
+    return os.path.join(job.out, "partial", f"{job.kind}_{job.model}_cfg{job.cfg:g}_{job.evaluations}_"
+                        f"{job.n_test}x{job.n_cal}.json")
 
 
 def _int_keys(obj):
@@ -645,7 +663,7 @@ def finished_jobs(jobs, code):
         except (OSError, ValueError):  # not run, or cut short while writing
             remaining.append(j)
             continue
-        if saved.get("fingerprint") == code and saved.get("calibrated") == j[9]:
+        if saved.get("fingerprint") == code and saved.get("calibrated") == j.calibrated:
             reused.append(_int_keys(saved["result"]))
         else:
             remaining.append(j)
@@ -657,18 +675,18 @@ def save_job(job, result):
     path = job_file(job)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump({"fingerprint": job[-1], "calibrated": job[9], "result": result}, f, default=str)
+        json.dump({"fingerprint": job.code, "calibrated": job.calibrated, "result": result}, f, default=str)
     os.replace(path + ".tmp", path)
 
 
 def run_one(job):
     """One job in its own process (one thread each: small batches scale better so): a setting at one evaluation
     count, its image grid, or its cost curve."""
-    kind, model_name, cfg, n, n_test, n_cal, threads, out, with_curve, calibrated, _ = job
-    torch.set_num_threads(threads)
+    kind, model_name, n, out = job.kind, job.model, job.evaluations, job.out
+    torch.set_num_threads(job.threads)
     torch.set_grad_enabled(False)
-    Setting.cache = os.path.join(out, "partial", job[-1])
-    st = Setting(model_name, cfg, n_test, n_cal)
+    Setting.cache = os.path.join(out, "partial", job.code)
+    st = Setting(model_name, job.cfg, job.n_test, job.n_cal)
     t0 = time.perf_counter()
 
     def log(s):
@@ -677,7 +695,7 @@ def run_one(job):
     result = {"kind": kind, "setting": st.name, "evaluations": n}
     if kind == "cells":
         result["rows"], result["kinds"], result["cal_rows"], result["reference"], result["headline"] = run_setting(
-            st, [n], features_for(model_name), log, calibrated)
+            st, [n], features_for(model_name), log, job.calibrated)
     elif kind == "grid":
         result["grid_names"] = image_grid(st, os.path.join(out, "grid.png"))
     else:
@@ -713,15 +731,16 @@ def main():
     with_curve = not (args.quick or args.no_curve or args.curve_from)
     settings = SETTINGS if not args.only else [(s.split(":")[0], float(s.split(":")[1])) for s in args.only]
     code = fingerprint()
-    common = (n_test, n_cal, args.threads, args.out, with_curve, calibrated, code)
-    jobs = [("cells", m, c, n) + common for m, c in settings
+    common = dict(n_test=n_test, n_cal=n_cal, threads=args.threads, out=args.out, with_curve=with_curve,
+                  calibrated=calibrated, code=code)
+    jobs = [Job("cells", m, c, n, **common) for m, c in settings
             for n in ([5] if args.quick else args.evals or EVALS.get((m, c), [5, 6]))]
     if ("digits-eps", 5.0) in settings and not args.no_grid:
-        jobs.append(("grid", "digits-eps", 5.0, 0) + common)
+        jobs.append(Job("grid", "digits-eps", 5.0, 0, **common))
     if with_curve and ("digits-eps", 1.0) in settings:
-        jobs.append(("curve", "digits-eps", 1.0, 6) + common)
+        jobs.append(Job("curve", "digits-eps", 1.0, 6, **common))
     weight = {"cells": 1.0, "grid": 0.8, "curve": 3.7}
-    jobs.sort(key=lambda j: -weight[j[0]] * COST.get(j[3], 1.3))
+    jobs.sort(key=lambda j: -weight[j.kind] * COST.get(j.evaluations, 1.3))
     reused = []
     if args.resume:
         reused, jobs = finished_jobs(jobs, code)

@@ -1,4 +1,5 @@
 """The benchmark's --resume: a job's saved result reads back as it was made, and only under the same code."""
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -22,7 +23,7 @@ def bench():
 
 
 def _job(bench, out, code, kind="cells", n=5):
-    return (kind, "digits-eps", 1.0, n, 200, 256, 1, str(out), False, ["iia_dpmpp_2m"], code)
+    return bench.Job(kind, "digits-eps", 1.0, n, 200, 256, 1, str(out), False, ["iia_dpmpp_2m"], code)
 
 
 def test_saved_job_reads_back_with_integer_evaluation_keys(bench, tmp_path):
@@ -35,14 +36,14 @@ def test_saved_job_reads_back_with_integer_evaluation_keys(bench, tmp_path):
     bench.save_job(job, result)
     reused, remaining = bench.finished_jobs([job, _job(bench, tmp_path, "abc", n=6)], "abc")
     assert reused == [result]  # the same dict: evaluation counts are ints again, as the report indexes them
-    assert [j[3] for j in remaining] == [6]
+    assert [j.evaluations for j in remaining] == [6]
 
 
 def test_other_code_or_samplers_rerun_the_job(bench, tmp_path):
     job = _job(bench, tmp_path, "abc")
     bench.save_job(job, {"kind": "cells"})
     assert bench.finished_jobs([job], "def") == ([], [job])
-    other = job[:9] + (["iia_dpmpp_2m", "amed_dpmpp_2m"],) + job[10:]
+    other = dataclasses.replace(job, calibrated=["iia_dpmpp_2m", "amed_dpmpp_2m"])
     assert bench.finished_jobs([other], "abc") == ([], [other])
     with open(bench.job_file(job), "w") as f:  # a file cut short is no result
         f.write('{"fingerprint": "abc", "calib')
