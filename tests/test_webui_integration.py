@@ -56,6 +56,7 @@ def test_calibrate_route_writes_a_file_the_sampler_uses(forge, calibrated):
     assert cal.info["made_by"] == "web UI calibrate" and calibrated["file"] == "forge_iia.safetensors"
     assert cal.info["sigma_min"] == pytest.approx(0.0292, rel=0.01)  # SD1.5's smallest sigma, as ComfyUI passes it
     assert [round(s, 4) for s in calibrated["sigmas"]] == [round(float(s), 4) for s in cal.sigmas]
+    assert calibrated["warnings"] == []  # what an API client hears of a skipped stage: nothing skipped on a CPU
     info, image = forge.txt2img(LABELS["iia_dpmpp_2m"])
     assert f"Calibration: forge_iia.safetensors ({calibrated['hash']})" in info["infotexts"][0]
     _, base = forge.txt2img("DPM++ 2M")
