@@ -203,8 +203,8 @@ class Stage:
         self.fit = [ch for ch in run.chunks if not ch.held_out]
         self.held = [ch for ch in run.chunks if ch.held_out]
         self.n_fit = sum(ch.n for ch in self.fit)
-        # Adam's minibatch: by default a share of the fit noises (default_batch), "all" (kept as None) the full batch
-        self.batch = default_batch(self.n_fit) if batch is None else None if batch == "all" else int(batch)
+        # Adam's minibatch: by default a share of the fit noises (default_batch); "all": every fit noise
+        self.batch = default_batch(self.n_fit) if batch is None else self.n_fit if batch == "all" else int(batch)
         self.group_of = {i: ch.group for ch in self.fit for i in range(ch.sl.start, ch.sl.stop)}  # fit noise -> condition
         self.forward = self.backward = 0  # model evaluations x samples, in the forward and the backward passes
         self.history = []
@@ -390,7 +390,7 @@ class Stage:
 
     def _adam_step(self, opt, gen, queue):
         """One Adam step on a minibatch (the rate measured at the first); False where the gradient is not finite."""
-        chunks = self.fit if self.batch is None or self.batch >= self.n_fit else self._minibatch(gen, queue)
+        chunks = self.fit if self.batch >= self.n_fit else self._minibatch(gen, queue)
         opt.zero_grad(set_to_none=True)
         self.last_loss = self.gradient(chunks) ** 2
         if not self._finite(grads=True):
