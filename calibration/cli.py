@@ -200,9 +200,9 @@ def cmd_plot(args):
 
 
 def main(argv=None):
-    from ..samplers import SAMPLERS
+    from ..samplers import calibrated as calibrated_samplers
     from .testbed import NAMES
-    calibrated = sorted(n for n, f in SAMPLERS.items() if f.kind != "plain")
+    calibrated = sorted(calibrated_samplers())
     p = argparse.ArgumentParser(prog="python -m calibrated_samplers.calibration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..samplers import SAMPLERS, Family
+from ..samplers import SAMPLERS, Family, calibrated
 from ..samplers.core import Denoiser, prepare, sigma_list
 from . import end_to_end as E
 from .batch import check_cancel, split_chunks, split_sizes
@@ -235,8 +235,7 @@ def _best_variant(model, sigmas, sampler, noise, extra_args, progress, settings,
 def _checked(sampler, sigmas, noise, extra_args, settings):
     """The sampler's registry entry, the sigmas as a tensor and the conditions, after checking the arguments."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; calibrated samplers are "
-                         f"{sorted(n for n, f in SAMPLERS.items() if f.kind != 'plain')}")
+        raise ValueError(f"unknown sampler {sampler!r}; calibrated samplers are {sorted(calibrated())}")
     fn = SAMPLERS[sampler]
     if fn.kind == "plain":
         raise ValueError(f"{sampler} needs no calibration: its coefficients come from the schedule itself")

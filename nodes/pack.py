@@ -8,7 +8,7 @@ from .. import hosts
 from ..calibration import CalibrationCancelled, load
 from ..calibration.library import Library
 from ..calibration.picture import residual_image
-from ..samplers import SAMPLERS, Family
+from ..samplers import SAMPLERS, Family, calibrated
 from ..samplers.core import check_calibration
 from .declare import In, Node, build, v3_api
 from ..calibration.file import CalibrationSet
@@ -21,7 +21,7 @@ from .runtime import (FOLDER, comfy_noise_scaling, comfy_progress, dropdown_samp
 
 log = logging.getLogger("calibrated_samplers")
 CATEGORY = "sampling/custom_sampling/calibrated"
-CALIBRATED = [n for n, f in SAMPLERS.items() if f.kind != "plain"]
+CALIBRATED = calibrated()
 
 
 def register_folder():

@@ -8,9 +8,9 @@ facts: ``.base`` (the solver it reduces to without calibration), ``.nfe_per_step
 """
 from . import amed, gddim, iia  # noqa: F401  (registration)
 from .core import CalibrationMismatch, Family
-from .registry import SAMPLERS, steps_for_evaluations
+from .registry import SAMPLERS, calibrated, steps_for_evaluations
 
 for _name, _fn in SAMPLERS.items():
     globals()[f"sample_{_name}"] = _fn
 
-__all__ = ["SAMPLERS", "steps_for_evaluations", "Family", "CalibrationMismatch"] + [f"sample_{n}" for n in SAMPLERS]
+__all__ = ["SAMPLERS", "calibrated", "steps_for_evaluations", "Family", "CalibrationMismatch"] + [f"sample_{n}" for n in SAMPLERS]

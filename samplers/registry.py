@@ -28,6 +28,11 @@ def register(name, fn, *, base, nfe_per_step, evaluations, kind, params=(), opti
     return fn
 
 
+def calibrated():
+    """The names of the samplers a calibration fits (every kind but "plain"), in registration order."""
+    return [name for name, fn in SAMPLERS.items() if fn.kind != "plain"]
+
+
 def steps_for_evaluations(name, evaluations, **options):
     """(steps, ends_at_zero) so that sampler ``name`` costs exactly ``evaluations`` model calls, or None.
 

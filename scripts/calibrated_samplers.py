@@ -35,8 +35,9 @@ def labels():
 
 def calibrated_methods():
     """The samplers a file serves (what the tab and the calibrate route offer), in the list's order."""
-    from calibrated_samplers.samplers import SAMPLERS
-    return [name for name in labels() if SAMPLERS[name].kind != "plain"]
+    from calibrated_samplers.samplers import calibrated
+    fitted = calibrated()
+    return [name for name in labels() if name in fitted]
 
 
 def __getattr__(name):  # ``LABELS``, read once the pack is loaded
@@ -377,9 +378,7 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         raise ValueError(f"unknown scheduler {scheduler!r}: use one of {', '.join(known)}")
     folder = env.folder()
     path = output_path(folder, filename, overwrite)
-    g = torch.Generator().manual_seed(int(seed))
-
-    left = TimeLeft()
+    g, left = torch.Generator().manual_seed(int(seed)), TimeLeft()
 
     def progress(done, total):
         shared.state.sampling_step, shared.state.sampling_steps = done, total
