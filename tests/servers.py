@@ -196,7 +196,7 @@ class Forge(Server):
         server.wait_up("/sdapi/v1/samplers")
         return server
 
-    def post(self, path, body, timeout=900):
+    def post(self, path, body, timeout=3600):  # a calibration with its end-to-end stage: 13-30 min on shared cores
         status, raw = self.http("POST", path, body, timeout=timeout)
         return status, json.loads(raw)
 
