@@ -20,7 +20,9 @@ Modes, each one model call of ``chunk`` samples (a CFG pair counts two) as the c
 - ``stage_blocks``: the same within ``calibration.blocks.checkpointed_blocks`` (each block of the network
   recomputes its own activations).
 Cost model per network and mode: peak above the weights = g + chunk * (a + b * P), P the latent's pixels (the
-attention runs in PyTorch's fused kernels, whose memory is linear in the tokens), least squares on the fit points; the held-back points (a larger latent, a larger chunk) check it.
+attention runs in PyTorch's fused kernels, whose memory is linear in the tokens), least squares on the fit points;
+the held-back points (a larger latent, a larger chunk) check it. The predictions add each mode's worst held-back
+under-prediction.
 """
 import argparse
 import json
@@ -42,7 +44,8 @@ MODES = ("inference", "stage", "stage_blocks")
 FIT = [(24, 1), (32, 1), (48, 1), (32, 2)]
 HELD = [(64, 1), (48, 2)]
 QUICK_FIT, QUICK_HELD = [(16, 1), (24, 1), (16, 2)], [(32, 1)]
-SD15 = dict(block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+SD15 = dict(block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
             attention_head_dim=8, layers_per_block=2)
 SDXL = dict(block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
@@ -283,17 +286,28 @@ def predictions(models, margins, nets, evaluations):
     return lines
 
 
-def write(rows, quick):
+def ratios(rows):
+    """The blocks' effect in words: each network's stage peaks over its inference call, one sample, 64 x 64."""
+    out = []
+    for net in dict.fromkeys(r["net"] for r in rows):
+        at = {r["mode"]: r["peak"] for r in rows if r.get("net") == net and (r.get("side"), r.get("chunk")) == (64, 1)}
+        if len(at) == len(MODES):
+            out.append(f"{net} {at['stage'] / at['inference']:.1f}x and {at['stage_blocks'] / at['inference']:.1f}x")
+    return ("Measured at a 64 x 64 latent, one sample: the stage's backward peaks at (without, with the blocks "
+            "checkpointed) " + "; ".join(out) + " an inference call's peak above the weights.") if out else ""
+
+
+def write(rows, quick, evaluations=None):
     nets = {r["net"]: r for r in rows if "weights" in r}
     table, models, margins = report(rows, quick)
     head = ["# Calibration cost at real scale", "",
             "Peak resident memory above the weights of one model call as each stage of a calibration makes it, on "
             "diffusers' real classes at real width with random weights, float32 on this machine's CPU (one thread); "
             "measured and reproduced by `python benchmarks/scale.py` (modes and cost model: its docstring).", ""]
-    pred = predictions(models, margins, nets, default_evaluations()) if not quick else []
+    pred = predictions(models, margins, nets, evaluations or default_evaluations()) if not quick else []
     text = head + ["## Predicted for the default calibration (fp16/bf16 compute: half the float32 activations; each "
                    "figure with its mode's worst held-back under-prediction added)",
-                   ""] + pred + ["", "## Measured, and the cost model's fit", ""] + table
+                   ""] + pred + ["", ratios(rows), "", "## Measured, and the cost model's fit", ""] + table
     print("\n".join(text))
     if not quick:
         with open(os.path.join(HERE, "SCALE.md"), "w") as f:
@@ -312,11 +326,13 @@ def main():
     if args.child:
         return child(*json.loads(args.child))
     path = os.path.join(HERE, "scale.json")
-    rows = []
+    rows, evaluations = [], None
     if not args.quick and os.path.exists(path):  # the other networks' rows stay
         with open(path) as f:
-            rows = [r for r in json.load(f)["rows"]
-                    if args.report or r["net"] not in args.nets or r.get("mode", "-") not in args.modes]
+            saved = json.load(f)
+        rows = [r for r in saved["rows"]
+                if args.report or r["net"] not in args.nets or r.get("mode", "-") not in args.modes]
+        evaluations = saved.get("evaluations") if args.report else None  # counted again after new measurements
     fit_points, held = (QUICK_FIT, QUICK_HELD) if args.quick else (FIT, HELD)
     for name in [] if args.report else args.nets:
         sizes = fit_points + held if name != "flux-2units" else fit_points
@@ -325,7 +341,11 @@ def main():
         if not args.quick:
             with open(path, "w") as f:
                 json.dump({"rows": rows}, f, indent=1)
-    write(rows, args.quick)
+    evaluations = evaluations or (None if args.quick else default_evaluations())
+    write(rows, args.quick, evaluations)
+    if not args.quick:
+        with open(path, "w") as f:
+            json.dump({"rows": rows, "evaluations": evaluations}, f, indent=1)
 
 
 if __name__ == "__main__":
