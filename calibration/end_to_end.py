@@ -15,8 +15,8 @@ requiring gradients (the model's weights never do).
 - **Memory**: each step is checkpointed (its activations are recomputed in the backward pass, so a trajectory
   keeps only its states), and the gradient is accumulated chunk by chunk, so the peak is one chunk's step
   whatever the batch. Given the ``network``, each of its blocks recomputes its own activations as well
-  (blocks.py), so that step's peak is near an inference call's instead of several times it. The model may be float16/bfloat16; the parameters and the solver's arithmetic are float32
-  or better (samplers.core.work_dtype).
+  (blocks.py), so that step's peak is near an inference call's instead of several times it. The model may be
+  float16/bfloat16; the parameters and the solver's arithmetic are float32 or better (samplers.core.work_dtype).
 - **Schedule**: Adam on small minibatches, its learning rate decayed to zero over the budget (a cosine), so the
   run ends settled rather than where a noisy step left it; the whole budget is spent (an early stop would cut
   the decay short, and the settled end is where most of the gain is). The time steps learn ``sigma_lr`` times

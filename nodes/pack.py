@@ -16,7 +16,7 @@ from ..calibration.requests import (RequestError, check_entries, check_request, 
                                     parse_denoises, parse_steps)
 from ..samplers import CalibrationMismatch
 from .runtime import (FOLDER, comfy_noise_scaling, comfy_progress, dropdown_sampler, latent_shape,
-                      make_guider, notify, prompt_conds, sample_calibrated, sample_calibration_run,
+                      make_guider, notify_warnings, prompt_conds, sample_calibrated, sample_calibration_run,
                       sample_or_calibrate)
 
 log = logging.getLogger("calibrated_samplers")
@@ -122,8 +122,7 @@ def calibrate_node(model, positive, cfg, method, scheduler, steps, fine_steps, b
         raise mm.InterruptProcessingException()
     result = job.result
     result.save(path, replace=overwrite)
-    for message in hosts.warnings_of(result):
-        notify(f"[Calibrated Samplers] {method}: {message}", f"{method}: {message}")
+    notify_warnings(method, result)
     cal = result.primary() if isinstance(result, CalibrationSet) else result
     gained = ""
     if cal.residual_before is not None:

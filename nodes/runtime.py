@@ -115,6 +115,12 @@ def find_or_warn(name, library, sigmas, family, fingerprint, cfg, fix, fit=None,
     return calibration
 
 
+def notify_warnings(method, result):
+    """Show the user each warning of a finished calibration (hosts.warnings_of), in the console and the browser."""
+    for message in hosts.warnings_of(result):
+        notify(f"[Calibrated Samplers] {method}: {message}", f"{method}: {message}")
+
+
 def comfy_progress():
     """A progress(done, total) that drives the running node's ComfyUI progress bar and shows the time left on the node
     (and in the console each tenth of the way)."""
@@ -218,8 +224,7 @@ def first_use_calibration(model, x, sigmas, extra_args, method, patcher, family,
     except CalibrationCancelled:
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()
-    for message in hosts.warnings_of(cal):
-        notify(f"[Calibrated Samplers] {method}: {message}", f"{method}: {message}")
+    notify_warnings(method, cal)
     notify(f"[Calibrated Samplers] {method}: calibrated this run's setting and wrote {path}",
            f"{method}: no file fitted this setting, so it was calibrated now and saved as {os.path.basename(path)}; "
            "later runs at this setting use it.")
