@@ -23,6 +23,7 @@ log = logging.getLogger("calibrated_samplers")
 FOLDER = "calibrated_samplers"
 INFOTEXT_KEY = "Calibration"
 HIRES_INFOTEXT_KEY = "Hires calibration"
+WARNING_SUFFIX = " warning"  # "Calibration warning": what an API client reads (A1111's response has no comments)
 
 
 def labels():
@@ -164,13 +165,16 @@ def make_sampler(name, library, env):
                 log.warning(console)
                 if p is not None and hasattr(p, "comment"):  # shown under the image, not only in the console
                     p.comment(short)
-                note = f"none: uncalibrated, {fn.uncalibrated}"
+                note, warnings = f"none: uncalibrated, {fn.uncalibrated}", [short]
             else:
                 note = f"{os.path.basename(path)} ({file_hash(path)})"
                 for warning in warnings:
                     log.warning(warning)
-            if p is not None:  # hires fix's second pass gets a line of its own, after the first pass's
-                p.extra_generation_params[HIRES_INFOTEXT_KEY if hires else INFOTEXT_KEY] = note
+            if p is not None:  # hires fix's second pass gets lines of its own, after the first pass's
+                key = HIRES_INFOTEXT_KEY if hires else INFOTEXT_KEY
+                p.extra_generation_params[key] = note
+                if warnings:  # in the infotext and the API's info JSON, read by scripts as by people
+                    p.extra_generation_params[key + WARNING_SUFFIX] = " ".join(warnings)
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                   calibration=calibration, family=family.name, shift=family.shift, **options)
 

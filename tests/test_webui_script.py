@@ -156,7 +156,8 @@ def test_sampler_uses_the_matching_file_and_says_so_in_the_infotext(script, tmp_
     assert other_cfg.p.extra_generation_params["Calibration"] == "none: uncalibrated, the dpmpp_2m solver"
     (shown,) = other_cfg.comments  # the visible warning under the image
     assert shown.startswith("IIA DPM++ 2M (calibrated) ran UNCALIBRATED") and "was made for cfg 3" in shown
-    assert model.comments == []
+    assert other_cfg.p.extra_generation_params["Calibration warning"] == shown  # what an API client reads
+    assert model.comments == [] and "Calibration warning" not in model.p.extra_generation_params
 
 
 def test_a_file_fitted_at_another_image_size_is_used_and_named_in_the_console(script, tmp_path, caplog):
@@ -174,6 +175,7 @@ def test_a_file_fitted_at_another_image_size_is_used_and_named_in_the_console(sc
     assert torch.equal(out, want)
     assert "large.safetensors was fitted on 8x8 latents and this run's are 4x4" in caplog.text
     assert model.p.extra_generation_params["Calibration"].startswith("large.safetensors (")
+    assert "fitted on 8x8 latents" in model.p.extra_generation_params["Calibration warning"]
 
 
 def test_hires_fix_states_both_passes_in_the_infotext(script, tmp_path):
@@ -190,6 +192,7 @@ def test_hires_fix_states_both_passes_in_the_infotext(script, tmp_path):
     params = model.p.extra_generation_params
     assert params["Calibration"].startswith("mine.safetensors (")
     assert params["Hires calibration"] == "none: uncalibrated, the dpmpp_2m solver"
+    assert "UNCALIBRATED" in params["Hires calibration warning"] and "Calibration warning" not in params
 
 
 def test_calibration_job_pads_chunks_to_the_conditionings_batch_and_walks_every_prompt(script):
