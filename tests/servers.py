@@ -1,9 +1,12 @@
-"""Real ComfyUI and Forge servers for the integration tests, started with this checkout installed into a
+"""Real ComfyUI and web UI (Forge, AUTOMATIC1111) servers for the integration tests, started with this checkout installed into a
 temporary base/data directory (your installs are only read: their models are linked, nothing is written).
 
 ComfyUI: COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON (the Python that runs it).
 Forge: FORGE_DIR (a stable-diffusion-webui-forge checkout, prepared so that ``launch.py
 --skip-prepare-environment`` starts), FORGE_PYTHON, and FORGE_CKPT (an SD1.5 checkpoint file).
+AUTOMATIC1111: A1111_DIR (a stable-diffusion-webui checkout with its ``repositories/``, prepared the same way),
+A1111_PYTHON, A1111_CKPT (an SD1.5 checkpoint; a tiny one needs its model yaml beside it) and, offline,
+A1111_HF_HOME (a Hugging Face cache with the CLIP-L tokenizer and config; given to it as HF_HOME).
 """
 import io
 import json
@@ -22,6 +25,10 @@ COMFY_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 FORGE = os.environ.get("FORGE_DIR")
 FORGE_PYTHON = os.environ.get("FORGE_PYTHON", sys.executable)
 FORGE_CKPT = os.environ.get("FORGE_CKPT")
+A1111 = os.environ.get("A1111_DIR")
+A1111_PYTHON = os.environ.get("A1111_PYTHON", sys.executable)
+A1111_CKPT = os.environ.get("A1111_CKPT")
+A1111_HF_HOME = os.environ.get("A1111_HF_HOME")
 
 
 def free_port():
@@ -175,26 +182,53 @@ def comfy_error(entry):
     return None, None
 
 
-class Forge(Server):
+class WebUI(Server):
+    """A real web UI, API only: ``kind`` "forge" (FORGE_*) or "a1111" (A1111_*); both are SD1.5 on the CPU."""
+    KINDS = ("forge", "a1111")
+
+    @staticmethod
+    def available(kind):
+        return bool(FORGE and FORGE_CKPT) if kind == "forge" else bool(A1111 and A1111_CKPT)
+
+    @staticmethod
+    def python(kind):
+        return FORGE_PYTHON if kind == "forge" else A1111_PYTHON
+
     @classmethod
-    def start(cls, base):
+    def start(cls, kind, base):
         os.makedirs(os.path.join(base, "extensions"))
         os.symlink(ROOT, os.path.join(base, "extensions", "calibrated_samplers"))
         os.makedirs(os.path.join(base, "models", "Stable-diffusion"))
-        port, log = free_port(), os.path.join(base, "forge.log")
+        port, log = free_port(), os.path.join(base, f"{kind}.log")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                    DO_NOT_TRACK="1")
         args = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-python-version-check",
-                "--skip-version-check", "--no-download-sd-model", "--always-cpu", "--use-cpu", "all",
-                "--disable-nan-check", "--nowebui", "--server-name", "127.0.0.1", "--port", str(port),
-                "--data-dir", base, "--ckpt", FORGE_CKPT]
+                "--skip-version-check", "--no-download-sd-model", "--use-cpu", "all", "--disable-nan-check",
+                "--nowebui", "--server-name", "127.0.0.1", "--port", str(port), "--data-dir", base]
+        if kind == "forge":
+            args += ["--always-cpu", "--ckpt", FORGE_CKPT]
+        else:  # A1111 halves the weights unless told, and its CPU has no half-precision kernels for all of them
+            args += ["--no-half", "--precision", "full", "--ckpt", A1111_CKPT]
+            if A1111_HF_HOME:
+                env["HF_HOME"] = A1111_HF_HOME
         with open(log, "w") as out:
-            proc = subprocess.Popen([FORGE_PYTHON, "launch.py", *args], cwd=FORGE, stdout=out,
-                                    stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen([cls.python(kind), "launch.py", *args], cwd=FORGE if kind == "forge" else A1111,
+                                    stdout=out, stderr=subprocess.STDOUT, env=env)
         server = cls(f"http://127.0.0.1:{port}", base, log, proc)
+        server.kind, server.ckpt = kind, FORGE_CKPT if kind == "forge" else A1111_CKPT
         server.folder = os.path.join(base, "models", "calibrated_samplers")
         server.wait_up("/sdapi/v1/samplers")
+        server.wait_loaded()
         return server
+
+    def wait_loaded(self, limit=300):
+        """A1111's API answers before its checkpoint has loaded (it loads in a thread)."""
+        t0 = time.time()
+        while self.kind == "a1111" and "Model loaded in" not in self.log_since(0):
+            if self.proc.poll() is not None or time.time() - t0 > limit:
+                self.stop()
+                raise RuntimeError(f"the checkpoint did not load; log tail:\n{self.log_since(0)[-4000:]}")
+            time.sleep(0.5)
 
     def post(self, path, body, timeout=3600):  # a calibration with its end-to-end stage: 13-30 min on shared cores
         status, raw = self.http("POST", path, body, timeout=timeout)
