@@ -75,6 +75,9 @@ def model_family(sd_model):
         if kind == "const":
             return "flow", Family("flow", float(getattr(predictor, "shift", 1.0)))
         return {"v_prediction": "v", "edm": "edm"}.get(kind, "eps"), Family("ve")
+    sampling = getattr(getattr(sd_model, "model", None), "model_sampling", None)
+    if type(sampling).__name__ == "ModelSamplingDiscreteFlow":  # A1111's SD3: it says "eps" and samples a flow
+        return "flow", Family("flow", float(sampling.shift))
     return ("v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"), Family("ve")
 
 
@@ -401,7 +404,8 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
             scheduler=scheduler, batch_size=max(1, min(int(chunk_size), int(batch_size))), n_iter=1, seed=int(seed),
             do_not_save_samples=True, do_not_save_grid=True)
         forge = getattr(shared.sd_model, "forge_objects", None)
-        channels, factor = (int(forge.vae.latent_channels) if forge is not None else 4), 8  # as processing.py
+        channels = int(forge.vae.latent_channels if forge is not None else getattr(shared.sd_model, "latent_channels", 4))
+        factor = 8  # as processing.py
         noise = torch.randn((int(batch_size), channels, int(height) // factor, int(width) // factor), generator=g)
         counts = spread["steps"] if spread else [steps]
         info = {"made_by": "web UI calibrate", "schedule": f"{scheduler}, {', '.join(map(str, counts))} steps",

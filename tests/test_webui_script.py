@@ -115,6 +115,13 @@ def test_same_fingerprint_as_the_comfyui_nodes_for_the_same_weights(script):
     assert flow_forge["id"] == flow_comfy["id"] and flow_forge["prediction"] == "flow"
     v = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=cs.Net(0)), parameterization="v")
     assert script.model_family(v)[0] == "v" and script.model_fingerprint(v)["id"] != flow_forge["id"]
+    # A1111's SD3 (SD3Inferencer) says parameterization "eps"; its BaseModel's sampling is a shifted flow
+    sd3 = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=cs.Net(0),
+                                                            model_sampling=cs.ModelSamplingDiscreteFlow(3.0)),
+                                parameterization="eps", latent_channels=16)
+    prediction, family = script.model_family(sd3)
+    assert (prediction, family.name, family.shift) == ("flow", "flow", 3.0)
+    assert script.model_fingerprint(sd3)["id"] == flow_comfy["id"]
 
 
 def test_fingerprint_reads_lora_backups(script):
