@@ -29,9 +29,12 @@ def join_records(parts, device):
 
 
 class Chunk:
-    def __init__(self, sl, group, held_out):
+    """Noises the model sees in one call: ``sl`` a slice of the batch, or an index tensor (the end-to-end stage's
+    minibatches and pieces), all of one condition ``group``, fit or held out."""
+
+    def __init__(self, sl, group, held_out=False):
         self.sl, self.group, self.held_out = sl, group, held_out
-        self.n = sl.stop - sl.start
+        self.n = sl.stop - sl.start if isinstance(sl, slice) else len(sl)
 
 
 def split_chunks(n_total, n_groups, holdout, chunk_size):

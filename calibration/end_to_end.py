@@ -42,12 +42,12 @@ requiring gradients (the model's weights never do).
 """
 import math
 import time
-from types import SimpleNamespace
 
 import torch
 
 from ..samplers import SAMPLERS
 from ..samplers.core import Denoiser, integrate
+from .batch import Chunk
 from .blocks import checkpointed_blocks
 from .kinds import KINDS
 
@@ -274,7 +274,7 @@ class Stage:
                 continue
             index = torch.arange(ch.sl.start, ch.sl.stop) if isinstance(ch.sl, slice) else ch.sl  # minibatches index
             for a in range(0, ch.n, size):
-                yield SimpleNamespace(sl=index[a:a + size], n=len(index[a:a + size]), group=ch.group, held_out=False)
+                yield Chunk(index[a:a + size], ch.group)
 
     def plan_backward(self):
         """Noises per backward pass: as many as fit ``SAFETY`` of the free memory at one noise's measured peak,
@@ -283,7 +283,7 @@ class Stage:
             return None
         largest = max(ch.n for ch in self.fit)
         first = self.fit[0]
-        one = SimpleNamespace(sl=slice(first.sl.start, first.sl.start + 1), n=1, group=first.group, held_out=False)
+        one = Chunk(slice(first.sl.start, first.sl.start + 1), first.group)
         leaves = self.learn.parameters()
         need = self.memory.peak(lambda: self.gradient([one]))
         for leaf in leaves:  # the probe only measures: its gradient is not a step
@@ -324,7 +324,7 @@ class Stage:
             mine = [i for i in picked if self.group_of[i] == group]
             for a in range(0, len(mine), self.run.chunk_size):
                 idx = torch.tensor(mine[a:a + self.run.chunk_size])
-                chunks.append(SimpleNamespace(sl=idx, n=len(idx), group=group, held_out=False))
+                chunks.append(Chunk(idx, group))
         return chunks
 
     def measured_lr(self, chunks, groups):

@@ -40,6 +40,15 @@ def sub_solve(step_fn, ev, x, a, b, fine_steps, hist, family, options, sigma_min
     return x, sub_hist
 
 
+def teacher_options(base, options=None):
+    """The base solver's options as a teacher: ``max_order`` kept, and the exact variable-step weights for a
+    multistep solver, whose sub-grid is not uniform."""
+    kept = {k: v for k, v in (options or {}).items() if k in ("max_order",)}
+    if base in ("ipndm", "spndm"):
+        kept["variable_step"] = True
+    return kept
+
+
 class Teacher:
     """The base solver over ``fine_steps`` sub-steps of each interval, advanced alongside the fit.
 
@@ -49,10 +58,7 @@ class Teacher:
     def __init__(self, run, base, fine_steps, options):
         self.run, self.fine_steps = run, fine_steps
         self.step_fn = B.BASE_STEPS[base][0]
-        # a multistep teacher on a non-uniform sub-grid needs the exact variable-step weights
-        self.options = {k: v for k, v in options.items() if k in ("max_order",)}
-        if base in ("ipndm", "spndm"):
-            self.options["variable_step"] = True
+        self.options = teacher_options(base, options)
         self.states = {}  # chunk index -> (x, hist)
 
     def advance(self, i, chunks):
@@ -125,7 +131,7 @@ class SharedTeacher:
         dense = [float(s) for s in densest]
         fam = Family.of(family)
         step_fn = B.BASE_STEPS[base][0]
-        options = {"variable_step": True} if base in ("ipndm", "spndm") else {}
+        options = teacher_options(base)
         x_all, _ = prepare(states)
         chunks = split_chunks(x_all.shape[0], len(conditions), holdout, chunk_size)
         self.states = {self.points[0]: x_all.clone()}
