@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from jobs import job_command_line, run_jobs
+from jobs import Results, job_command_line, run_jobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLER = "iia_dpmpp_2m"
@@ -75,27 +75,23 @@ def main():
     # the longest first, so the two workers end together
     specs = sorted([(m, c, n, v) for m, c, n in CELLS for v in VARIANTS],
                    key=lambda s: -(s[2] * (2 if s[1] != 1 else 1) + (1 if s[3] == "afs" else 0)))
-    folder = os.path.join(partial_folder(), "jobs")
-    os.makedirs(folder, exist_ok=True)
+    store = Results(os.path.join(partial_folder(), "jobs"))  # the folder is the code's fingerprint
 
-    def saved(spec):
-        return os.path.join(folder, "_".join(map(str, spec)) + ".json")
+    def name(spec):
+        return "_".join(map(str, spec))
 
     results, todo = {}, []
     for spec in specs:
-        try:
-            with open(saved(spec)) as f:
-                r = json.load(f)
-            results[(r["setting"], r["evals"], r["variant"])] = r
-        except (OSError, ValueError):
+        r = store.load(name(spec))
+        if r is None:
             todo.append(spec)
+        else:
+            results[(r["setting"], r["evals"], r["variant"])] = r
     print(f"{len(specs) - len(todo)} of {len(specs)} jobs done earlier under this code", flush=True)
     for r in run_jobs(__file__, todo, args.workers):
         results[(r["setting"], r["evals"], r["variant"])] = r
         spec = next(s for s in todo if (f"{s[0]} cfg {s[1]:g}", s[2], s[3]) == (r["setting"], r["evals"], r["variant"]))
-        with open(saved(spec) + ".tmp", "w") as f:
-            json.dump(r, f)
-        os.replace(saved(spec) + ".tmp", saved(spec))
+        store.save(name(spec), r)
         print(r["setting"], r["evals"], r["variant"], f"{r['seconds']:.0f} s", flush=True)
     from run import ratio_interval
 

@@ -19,7 +19,6 @@ have no Frechet distance or class accuracy (the digit classifier knows digits on
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import inspect
 import json
 import os
@@ -39,6 +38,7 @@ from calibrated_samplers.calibration.testbed import testbed  # noqa: E402
 from calibrated_samplers.calibration.testbed.analytic import flow_sigmas, karras, rmse  # noqa: E402
 from calibrated_samplers.calibration.testbed.kdiffusion import load_k_diffusion_sampling  # noqa: E402
 from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations  # noqa: E402
+from jobs import Results, code_fingerprint  # noqa: E402  (benchmarks/jobs.py)
 from memory import proc_status, reset_peak  # noqa: E402  (benchmarks/memory.py)
 from peers import gits_schedule, ld3_calibration  # noqa: E402  (benchmarks/peers.py)
 
@@ -604,21 +604,9 @@ FINGERPRINTED = ("samplers", "calibration", "benchmarks/peers.py", "benchmarks/m
 
 
 def fingerprint():
-    h = hashlib.sha256()
-    for entry in FINGERPRINTED:
-        path = os.path.join(PACK, entry)
-        files = [path] if os.path.isfile(path) else sorted(
-            os.path.join(d, f) for d, dirs, fs in os.walk(path) for f in fs
-            if "__pycache__" not in d and not f.endswith(".pyc"))
-        for f in files:
-            h.update(os.path.relpath(f, PACK).encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read())
     with open(os.path.abspath(__file__)) as f:
         text = f.read()
-    h.update(text[:text.index("\ndef plot_setting(")].encode())
-    h.update(inspect.getsource(image_grid).encode())
-    return h.hexdigest()[:16]
+    return code_fingerprint(PACK, FINGERPRINTED, text[:text.index("\ndef plot_setting(")], inspect.getsource(image_grid))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -640,8 +628,15 @@ class Job:
 
 def job_file(job):
     """Where one job's result is kept, so a run cut short can go on (``--resume``) with the jobs it has not done."""
-    return os.path.join(job.out, "partial", f"{job.kind}_{job.model}_cfg{job.cfg:g}_{job.evaluations}_"
-                        f"{job.n_test}x{job.n_cal}.json")
+    return _store(job).path(_job_name(job))
+
+
+def _store(job):
+    return Results(os.path.join(job.out, "partial"))
+
+
+def _job_name(job):
+    return f"{job.kind}_{job.model}_cfg{job.cfg:g}_{job.evaluations}_{job.n_test}x{job.n_cal}"
 
 
 def _int_keys(obj):
@@ -657,26 +652,17 @@ def finished_jobs(jobs, code):
     """(results of the ``jobs`` an earlier run finished under the code fingerprint ``code``, the jobs still to run)."""
     reused, remaining = [], []
     for j in jobs:
-        try:
-            with open(job_file(j)) as f:
-                saved = json.load(f)
-        except (OSError, ValueError):  # not run, or cut short while writing
+        saved = _store(j).load(_job_name(j), fingerprint=code, calibrated=j.calibrated)
+        if saved is None:
             remaining.append(j)
-            continue
-        if saved.get("fingerprint") == code and saved.get("calibrated") == j.calibrated:
-            reused.append(_int_keys(saved["result"]))
         else:
-            remaining.append(j)
+            reused.append(_int_keys(saved))
     return reused, remaining
 
 
 def save_job(job, result):
-    """Keep one job's result for ``--resume``: written whole, then renamed, so a job killed mid-write leaves none."""
-    path = job_file(job)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"fingerprint": job.code, "calibrated": job.calibrated, "result": result}, f, default=str)
-    os.replace(path + ".tmp", path)
+    """Keep one job's result for ``--resume``."""
+    _store(job).save(_job_name(job), result, fingerprint=job.code, calibrated=job.calibrated)
 
 
 def run_one(job):

@@ -505,15 +505,12 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                     network=network)
     fn, sigmas, conditions = _checked(sampler, sigmas, noise, extra_args, settings)
     user_options = dict(options)  # as the user asked: the plain sampler the fit must beat runs with these
-    if sampler == "amed_ipndm" and "variable_step" not in options:
-        # learned intermediate times make the refined grid non-uniform, where iPNDM's fixed weights (which
-        # assume equal steps) can corrupt the next steps' extrapolation; exact variable-step weights fix that
-        # but measured worse end to end in some cells (analytic testbed: better at 8 evaluations, worse at 10).
-        # The per-step fit cannot see either, so fit both and keep the better on the held-out noises.
+    variants = KINDS[fn.kind].variants(sampler, options)
+    if variants:  # a search over solver options: one calibration per variant
         if validate and holdout > 0:
             return _best_variant(model, sigmas, sampler, noise, extra_args, progress, dict(settings, **options),
-                                 [{"variable_step": True}, {"variable_step": False}])
-        options["variable_step"] = True
+                                 variants)
+        options.update(variants[0])
     st = SimpleNamespace(**settings, settings=settings, model=model, sampler=sampler, fn=fn, kind=KINDS[fn.kind], noise=noise,
                          extra_args=extra_args, conditions=conditions, progress=progress,
                          fam=Family.of(family, shift), asked=sigmas, sigmas=sigmas,

@@ -13,6 +13,11 @@ class Kind:
 
     name = None
 
+    def variants(self, sampler, options):
+        """Solver options to calibrate ``sampler`` with one after another, the better on the held-out noises kept
+        (the first where nothing is held out); none by default."""
+        return []
+
     def setup(self, st):
         """Choices this kind makes once per calibration, from its settings (none by default)."""
 
