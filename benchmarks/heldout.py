@@ -98,6 +98,14 @@ def write_gain_section(results, path=os.path.join(HERE, "BENCHMARKS.md")):
         f.write("\n".join(text))
 
 
+def store():
+    """Each finished job's result, kept under the fingerprint of the code it measured (``--resume`` reuses them)."""
+    from jobs import Results, code_fingerprint
+    code = code_fingerprint(os.path.dirname(HERE), ("samplers", "calibration", "benchmarks/stage.py",
+                                                    "benchmarks/run.py", "benchmarks/heldout.py"))
+    return Results(os.path.join(HERE, "partial", "heldout-" + code))
+
+
 def main():
     from jobs import run_jobs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +116,8 @@ def main():
     p.add_argument("--out", default=HERE)
     p.add_argument("--benchmarks", action="store_true",
                    help="also write the gain section of BENCHMARKS.md (next to --out) from the results")
-    p.add_argument("--resume", action="store_true", help="keep the results heldout.json already holds (the same code)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the jobs an earlier run (cut short) finished under the same code; run only the rest")
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.job:
@@ -117,14 +126,18 @@ def main():
     started = time.time()
     specs = [(s, n, b) for b in args.noises for s in args.settings for n in args.evals]
     path = os.path.join(args.out, "heldout.json")
-    results = []
-    if args.resume and os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
+    results, kept = [], store()
+
+    def name(spec):
+        return "_".join(map(str, spec)).replace(":", "_cfg")
+    if args.resume:
+        results = [r for r in (kept.load(name(spec)) for spec in specs) if r is not None]
         done = {(spec_of(r), r["evals"], r["noises"]) for r in results}
         specs = [spec for spec in specs if tuple(spec) not in done]
+        print(f"resuming: {len(results)} jobs reused from {kept.folder}, {len(specs)} to run", flush=True)
     for r in run_jobs(__file__, specs, args.workers):
         results.append(r)
+        kept.save(name((spec_of(r), r["evals"], r["noises"])), r)
         print(row(r), flush=True)
         with open(path, "w") as f:  # each result as it comes: a run cut short keeps what it finished (--resume)
             json.dump(results, f, indent=1)
