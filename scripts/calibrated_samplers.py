@@ -363,6 +363,7 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     import torch
     from modules import call_queue, processing, shared
     from calibrated_samplers import hosts
+    from calibrated_samplers.calibration import CalibrationCancelled
     from calibrated_samplers.calibration.progress import TimeLeft
     from calibrated_samplers.calibration.requests import (check_entries, check_request, output_path, parse_cfgs,
                                                           parse_denoises, parse_steps)
@@ -420,6 +421,8 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         shared.state.begin(job="calibrated_samplers")
         try:
             processing.process_images(p)
+        except CalibrationCancelled:  # the interrupt came during the calibration, not before the web UI's sampling
+            job.result = None
         finally:
             _pending.job = None
             shared.state.end()

@@ -202,7 +202,10 @@ def test_calibrate_on_first_use_option(webui, calibrated):
                                          "calibrated_samplers_first_use_afs": False})
 
 
-def test_interrupt_writes_nothing(webui, calibrated):
+def test_interrupt_writes_nothing(webui):
+    """Interrupt once the calibration has done some of its work (the web UI's progress says so): the route answers
+    409 and writes nothing."""
+    import json
     result = {}
 
     def call():
@@ -210,7 +213,12 @@ def test_interrupt_writes_nothing(webui, calibrated):
                                  dict(CALIBRATE, method="iia_ddim", batch_size=256, fine_steps=10, filename="interrupted"))
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(8)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # the calibration's own progress: it is under way, past the web UI's preparation
+        state = json.loads(webui.http("GET", "/sdapi/v1/progress?skip_current_image=true")[1])["state"]
+        if state.get("job") == "calibrated_samplers" and state.get("sampling_step", 0) >= 1:
+            break
+        time.sleep(0.5)
     webui.http("POST", "/sdapi/v1/interrupt")
     t.join(600)
     status, body = result["r"]

@@ -290,6 +290,33 @@ def test_afs_with_a_denoise_list_is_refused_before_the_web_ui_runs(script, monke
                                   denoise_list="1, 0.5", afs=True)
 
 
+def test_an_interrupt_during_the_calibration_is_a_refusal_and_writes_nothing(script, tmp_path, monkeypatch):
+    """The web UI's Interrupt sets its flag; the calibration's cancel check raises inside the web UI's sampling, and
+    the route answers 'interrupted' (409), not a server error, with no file."""
+    import threading
+    from calibrated_samplers.calibration import CalibrationCancelled
+    state = types.SimpleNamespace(interrupted=False, begin=lambda job: None, end=lambda: None)
+    ran = []
+
+    def process_images(p):
+        job = script.pending_job("iia_dpmpp_2m")
+        state.interrupted = True  # the user pressed Interrupt while the job ran
+        ran.append(job.cancel())
+        raise CalibrationCancelled("calibration cancelled; nothing was saved")
+    modules = types.ModuleType("modules")
+    modules.call_queue = types.SimpleNamespace(queue_lock=threading.Lock())
+    modules.processing = types.SimpleNamespace(process_images=process_images,
+                                               StableDiffusionProcessingTxt2Img=types.SimpleNamespace)
+    modules.shared = types.SimpleNamespace(sd_model=forge_model(0), state=state)
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    env = Env(forge_model(0))
+    env.folder_path, env.schedulers = str(tmp_path), lambda: ["Karras"]
+    with pytest.raises(InterruptedError, match="nothing was written"):
+        script.calibrate_in_webui(env, "iia_dpmpp_2m", 4, "Karras", 5.0, 64, 64, ["a cat"], batch_size=8,
+                                  filename="stopped")
+    assert ran == [True] and list(tmp_path.iterdir()) == [] and script.pending_job("iia_dpmpp_2m") is None
+
+
 def test_a_range_calibration_serves_other_steps_cfgs_and_both_web_ui_denoise_cuts(script, tmp_path):
     """more_steps / cfg_list / denoise_list through the web UI's job: one file; img2img and hires fix cut a schedule
     differently for the same steps and denoise, and both are fitted; a hires pass finds its entry."""
