@@ -405,7 +405,8 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
             scheduler=scheduler, batch_size=max(1, min(int(chunk_size), int(batch_size))), n_iter=1, seed=int(seed),
             do_not_save_samples=True, do_not_save_grid=True)
         forge = getattr(shared.sd_model, "forge_objects", None)
-        channels = int(forge.vae.latent_channels if forge is not None else getattr(shared.sd_model, "latent_channels", 4))
+        channels = int(forge.vae.latent_channels if forge is not None
+                       else getattr(shared.sd_model, "latent_channels", 4))  # A1111's SD3: 16
         factor = 8  # as processing.py
         noise = torch.randn((int(batch_size), channels, int(height) // factor, int(width) // factor), generator=g)
         counts = spread["steps"] if spread else [steps]

@@ -1,5 +1,6 @@
-"""Real ComfyUI and web UI (Forge, AUTOMATIC1111) servers for the integration tests, started with this checkout installed into a
-temporary base/data directory (your installs are only read: their models are linked, nothing is written).
+"""Real ComfyUI and web UI (Forge, AUTOMATIC1111) servers for the integration tests, started with this checkout
+installed into a temporary base/data directory (your installs are only read: their models are linked, nothing is
+written).
 
 ComfyUI: COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON (the Python that runs it).
 Forge: FORGE_DIR (a stable-diffusion-webui-forge checkout, prepared so that ``launch.py

@@ -44,7 +44,8 @@ def hires(webui, cfg=None):
 
 @pytest.fixture(scope="module")
 def calibrated(webui):
-    status, body = webui.post("/calibrated-samplers/calibrate", dict(CALIBRATE, method="iia_dpmpp_2m", filename="ui_iia"))
+    status, body = webui.post("/calibrated-samplers/calibrate",
+                              dict(CALIBRATE, method="iia_dpmpp_2m", filename="ui_iia"))
     assert status == 200, body
     # the end-to-end stage (with the UNet's blocks checkpointed) runs in the first; the rest skip it to keep the suite
     # short (each stage is 13-30 min on two shared cores)
@@ -296,7 +297,8 @@ print(type(tab).__name__, title, len(tab.blocks))
 def test_the_ui_tab_builds_with_the_web_uis_gradio(kind):
     """The tab is not reachable headless (--nowebui), so build it with the web UI's own gradio."""
     import subprocess
-    out = subprocess.run([servers.WebUI.python(kind), "-c", TAB_CHECK, os.path.join(servers.ROOT, "scripts", "calibrated_samplers.py")],
+    script = os.path.join(servers.ROOT, "scripts", "calibrated_samplers.py")
+    out = subprocess.run([servers.WebUI.python(kind), "-c", TAB_CHECK, script],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[:3] == ["Blocks", "Calibrated", "Samplers"]
