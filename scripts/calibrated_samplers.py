@@ -363,7 +363,6 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     import torch
     from modules import call_queue, processing, shared
     from calibrated_samplers import hosts
-    from calibrated_samplers.calibration import CalibrationCancelled
     from calibrated_samplers.calibration.progress import TimeLeft
     from calibrated_samplers.calibration.requests import (check_entries, check_request, output_path, parse_cfgs,
                                                           parse_denoises, parse_steps)
@@ -417,25 +416,32 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
             fit_options["afs"] = True
         job = hosts.Job(method, noise, prompts, fit_options, info, progress, lambda: bool(shared.state.interrupted),
                         spread)
-        _pending.job = job
         started = time.time()
-        shared.state.begin(job="calibrated_samplers")
-        try:
-            processing.process_images(p)
-        except CalibrationCancelled:  # the interrupt came during the calibration, not before the web UI's sampling
-            job.result = None
-        finally:
-            _pending.job = None
-            shared.state.end()
-        if job.result is None:
-            raise InterruptedError("calibration was interrupted: nothing was written")
-        job.result.save(path, replace=bool(overwrite))
+        run_job(job, p, processing, shared).save(path, replace=bool(overwrite))
     what = (f"{len(job.result)} calibrations: {job.result.summary()}" if spread else f"{steps} steps, cfg {cfg:g}")
     print(f"[Calibrated Samplers] wrote {path} ({job.result.method}, {scheduler}, {what}) "
           f"in {time.time() - started:.0f} s")
     for message in hosts.warnings_of(job.result):
         print(f"[Calibrated Samplers] {method}: {message}")
     return job.result, path
+
+
+def run_job(job, p, processing, shared):
+    """The web UI's own run of ``p`` with ``job`` pending: its sampler calibrates instead of sampling. Returns the
+    result; raises InterruptedError where the web UI's Interrupt stopped it (then nothing is written)."""
+    from calibrated_samplers.calibration import CalibrationCancelled
+    _pending.job = job
+    shared.state.begin(job="calibrated_samplers")
+    try:
+        processing.process_images(p)
+    except CalibrationCancelled:  # the interrupt came during the calibration, not before the web UI's sampling
+        job.result = None
+    finally:
+        _pending.job = None
+        shared.state.end()
+    if job.result is None:
+        raise InterruptedError("calibration was interrupted: nothing was written")
+    return job.result
 
 
 def add_api(app, env, library):
