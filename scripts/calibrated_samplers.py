@@ -417,7 +417,7 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         job = hosts.Job(method, noise, prompts, fit_options, info, progress, lambda: bool(shared.state.interrupted),
                         spread)
         started = time.time()
-        run_job(job, p, processing, shared).save(path, replace=bool(overwrite))
+        run_job(job, p).save(path, replace=bool(overwrite))
     what = (f"{len(job.result)} calibrations: {job.result.summary()}" if spread else f"{steps} steps, cfg {cfg:g}")
     print(f"[Calibrated Samplers] wrote {path} ({job.result.method}, {scheduler}, {what}) "
           f"in {time.time() - started:.0f} s")
@@ -426,9 +426,10 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
     return job.result, path
 
 
-def run_job(job, p, processing, shared):
+def run_job(job, p):
     """The web UI's own run of ``p`` with ``job`` pending: its sampler calibrates instead of sampling. Returns the
     result; raises InterruptedError where the web UI's Interrupt stopped it (then nothing is written)."""
+    from modules import processing, shared
     from calibrated_samplers.calibration import CalibrationCancelled
     _pending.job = job
     shared.state.begin(job="calibrated_samplers")

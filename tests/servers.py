@@ -185,15 +185,16 @@ def comfy_error(entry):
 
 class WebUI(Server):
     """A real web UI, API only: ``kind`` "forge" (FORGE_*) or "a1111" (A1111_*); both are SD1.5 on the CPU."""
-    KINDS = ("forge", "a1111")
+    CLIENTS = {"forge": {"dir": FORGE, "python": FORGE_PYTHON, "ckpt": FORGE_CKPT},
+               "a1111": {"dir": A1111, "python": A1111_PYTHON, "ckpt": A1111_CKPT}}
 
-    @staticmethod
-    def available(kind):
-        return bool(FORGE and FORGE_CKPT) if kind == "forge" else bool(A1111 and A1111_CKPT)
+    @classmethod
+    def available(cls, kind):
+        return bool(cls.CLIENTS[kind]["dir"] and cls.CLIENTS[kind]["ckpt"])
 
-    @staticmethod
-    def python(kind):
-        return FORGE_PYTHON if kind == "forge" else A1111_PYTHON
+    @classmethod
+    def python(cls, kind):
+        return cls.CLIENTS[kind]["python"]
 
     @classmethod
     def start(cls, kind, base):
@@ -206,17 +207,19 @@ class WebUI(Server):
         args = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-python-version-check",
                 "--skip-version-check", "--no-download-sd-model", "--use-cpu", "all", "--disable-nan-check",
                 "--nowebui", "--server-name", "127.0.0.1", "--port", str(port), "--data-dir", base]
+        client = cls.CLIENTS[kind]
+        args += ["--ckpt", client["ckpt"]]
         if kind == "forge":
-            args += ["--always-cpu", "--ckpt", FORGE_CKPT]
+            args.append("--always-cpu")
         else:  # A1111 halves the weights unless told, and its CPU has no half-precision kernels for all of them
-            args += ["--no-half", "--precision", "full", "--ckpt", A1111_CKPT]
+            args += ["--no-half", "--precision", "full"]
             if A1111_HF_HOME:
                 env["HF_HOME"] = A1111_HF_HOME
         with open(log, "w") as out:
-            proc = subprocess.Popen([cls.python(kind), "launch.py", *args], cwd=FORGE if kind == "forge" else A1111,
-                                    stdout=out, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen([client["python"], "launch.py", *args], cwd=client["dir"], stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
         server = cls(f"http://127.0.0.1:{port}", base, log, proc)
-        server.kind, server.ckpt = kind, FORGE_CKPT if kind == "forge" else A1111_CKPT
+        server.kind, server.ckpt = kind, client["ckpt"]
         server.folder = os.path.join(base, "models", "calibrated_samplers")
         server.wait_up("/sdapi/v1/samplers")
         server.wait_loaded()
