@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .progress import TimeLeft
+from .progress import TimeLeft, planned_text
 
 
 def _schedule(bed, sampler, steps, evaluations, options=None):
@@ -30,7 +30,7 @@ def _schedule(bed, sampler, steps, evaluations, options=None):
 
 
 def cmd_calibrate(args):
-    from .engine import calibrate
+    from .engine import calibrate, plan
     from .requests import RequestError, check_entries, check_request, parse_cfgs, parse_denoises, parse_steps
     from .testbed import testbed
     try:
@@ -56,13 +56,13 @@ def cmd_calibrate(args):
     options = {"afs": True} if args.afs else {}
     sig = _schedule(bed, args.sampler, args.steps, args.evaluations, options)
     noise = bed.noise(args.batch, args.seed, sig)
-    progress = _bar()
-    cal = calibrate(bed.model, sig, args.sampler, noise, conditions, family=bed.family, shift=bed.shift,
-                    fine_steps=args.fine_steps, target=args.target, chunk_size=args.chunk_size,
-                    holdout=args.holdout, sigma_min=bed.sigma_min, end_to_end=args.end_to_end,
-                    learn_sigmas=args.learn_sigmas, budget=args.budget, progress=None if args.quiet else progress,
+    settings = dict(family=bed.family, shift=bed.shift, fine_steps=args.fine_steps, target=args.target,
+                    chunk_size=args.chunk_size, holdout=args.holdout, sigma_min=bed.sigma_min,
+                    end_to_end=args.end_to_end, learn_sigmas=args.learn_sigmas, budget=args.budget, **options)
+    progress = None if args.quiet else _bar(planned_text(plan(sig, args.sampler, args.batch, conditions, **settings)))
+    cal = calibrate(bed.model, sig, args.sampler, noise, conditions, progress=progress, **settings,
                     info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed, "cfg": args.cfg,
-                          "made_by": "python -m calibrated_samplers.calibration calibrate"}, **options)
+                          "made_by": "python -m calibrated_samplers.calibration calibrate"})
     if not args.quiet:
         print(file=sys.stderr)
     cal.save(args.out)
@@ -76,7 +76,9 @@ def cmd_calibrate(args):
           f"model evaluations per noise, {cal.info['seconds']:.1f} s{fell_back}{stage}")
 
 
-def _bar(width=40):
+def _bar(planned, width=40):
+    """A progress(done, total) drawing a bar with the time left on stderr, after saying ``planned`` there."""
+    print(f"calibration: {planned}", file=sys.stderr)
     left = TimeLeft()
 
     def progress(done, total):
@@ -89,16 +91,19 @@ def _bar(width=40):
 def calibrate_spread(args, bed, spread):
     """One file for several step counts, cfgs and denoise values (calibration.ranges)."""
     from .file import CalibrationSet
-    from .ranges import calibrate_range
+    from .ranges import calibrate_range, plan_range
     noise = torch.randn(args.batch, *bed.shape, generator=torch.Generator().manual_seed(args.seed))
+    settings = dict(family=bed.family, shift=bed.shift, fine_steps=args.fine_steps, target=args.target,
+                    chunk_size=args.chunk_size, holdout=args.holdout, sigma_min=bed.sigma_min,
+                    end_to_end=args.end_to_end, learn_sigmas=args.learn_sigmas, budget=args.budget,
+                    **({"afs": True} if args.afs else {}), **spread)
+    planned = plan_range(bed.sigmas, args.sampler, args.batch, [{}] if spread["cfgs"][0] is None else bed.conditions(spread["cfgs"][0]), **settings)
     result = calibrate_range(
         bed.model, bed.sigmas, args.sampler, noise, [{}], with_cfg=lambda c: (bed.model, bed.conditions(c)),
-        family=bed.family, shift=bed.shift, fine_steps=args.fine_steps, target=args.target, chunk_size=args.chunk_size,
-        holdout=args.holdout, sigma_min=bed.sigma_min, end_to_end=args.end_to_end, learn_sigmas=args.learn_sigmas,
-        budget=args.budget, progress=None if args.quiet else _bar(), **({"afs": True} if args.afs else {}),
+        progress=None if args.quiet else _bar(planned_text(planned)), **settings,
         info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed,
               "primary": {"steps": args.steps, "cfg": args.cfg},
-              "made_by": "python -m calibrated_samplers.calibration calibrate"}, **spread)
+              "made_by": "python -m calibrated_samplers.calibration calibrate"})
     if not args.quiet:
         print(file=sys.stderr)
     result.save(args.out)

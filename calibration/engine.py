@@ -21,6 +21,7 @@ Memory: per-sample states (the current state, the step history, the teacher) liv
 the model only ever sees ``chunk_size`` samples at a time and the statistics are accumulated chunk by chunk
 in float64, so the peak memory of the model side does not grow with the batch.
 """
+import inspect
 import math
 import time
 from types import SimpleNamespace
@@ -35,6 +36,7 @@ from .file import Calibration
 from .kinds import KINDS
 from .kinds.base import flat
 from .teacher import SharedView, Teacher
+from .teacher import evaluations as teacher_evaluations
 from .requests import check_request
 
 TARGETS = ("trajectory", "local")
@@ -148,12 +150,10 @@ def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_st
 
     At few steps the best last sigma is often far above the model's sigma_min (the step into 0 only denoises),
     further than the end-to-end stage's gradient steps would carry it from there."""
-    sig = [float(s) for s in sigmas]
-    n_groups = len(conditions)
     picks, start = [], 0
-    for size in split_sizes(int(noise.shape[0]), n_groups):
-        n_fit = size - int(round(holdout * size))
-        picks.append(noise[start:start + min(n_fit, max(1, PROBE_NOISES // n_groups))])
+    for size, n_probe in zip(split_sizes(int(noise.shape[0]), len(conditions)),
+                             _probe_sizes(int(noise.shape[0]), len(conditions), holdout)):
+        picks.append(noise[start:start + n_probe])
         start += size
     probe = _Run(model, sigmas, torch.cat(picks), conditions, family, chunk_size, 0.0, storage_device, None, cancel,
                  None if sigma_min is None else float(sigma_min))
@@ -161,14 +161,8 @@ def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_st
     for i in range(probe.n_steps):
         teacher.advance(i, range(len(probe.chunks)))
     target = teacher.endpoint()
-    candidates, per_noise = [], []
-    for factor in END_FACTORS:
-        lowest = sig[-2] * factor
-        if factor > 1 and math.log(sig[0] / lowest) < 0.25 * math.log(sig[0] / sig[-2]):  # keep the steps room
-            break
-        cand = raised_schedule(sigmas, factor)
-        candidates.append((factor, cand))
-        per_noise.append(_plain_errors(probe, sampler, cand, target, options))
+    candidates = _end_candidates(sigmas)
+    per_noise = [_plain_errors(probe, sampler, cand, target, options) for _, cand in candidates]
     scores = [math.sqrt(float(e.mean())) for e in per_noise]
     best = min(range(len(scores)), key=lambda k: (scores[k], k))
     # a raise must beat the requested end by more than the probe's own noise (one standard error of the paired
@@ -180,6 +174,22 @@ def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_st
             "chosen_factor": candidates[best][0], "probe_noises": int(probe.x0.shape[0]),
             "sample_evaluations": probe.sample_evaluations, "model_calls": probe.model_calls}
     return candidates[best][1], info
+
+
+def _probe_sizes(n, n_groups, holdout):
+    """The probe's noises per condition: the first of its fit noises, PROBE_NOISES in all at most."""
+    return [min(size - int(round(holdout * size)), max(1, PROBE_NOISES // n_groups))
+            for size in split_sizes(n, n_groups)]
+
+
+def _end_candidates(sigmas):
+    """(factor, schedule) for each of END_FACTORS that leaves the steps room (a quarter of the span, in log sigma)."""
+    sig, out = [float(s) for s in sigmas], []
+    for factor in END_FACTORS:
+        if factor > 1 and math.log(sig[0] / (sig[-2] * factor)) < 0.25 * math.log(sig[0] / sig[-2]):
+            break
+        out.append((factor, raised_schedule(sigmas, factor)))
+    return out
 
 
 def raised_schedule(sigmas, factor):
@@ -270,10 +280,34 @@ def progress_units(count):
     return declare
 
 
+def planned_evaluations(count):
+    """Declares what a stage will spend before it runs (``plan()``): ``count(st, before)`` model-evaluation
+    equivalents per noise (a backward pass counts two), ``before`` being what the stages before it spend."""
+    def declare(stage):
+        stage.evaluations = count
+        return stage
+    return declare
+
+
+def _wants_probe(st):
+    return (st.end_to_end and st.validate and st.holdout > 0 and st.learn_sigmas is True
+            and st.shared_teacher is None and float(st.sigmas[-1]) == 0 and len(st.sigmas) >= 3)
+
+
+def _probe_evaluations(st):
+    """Per calibration noise: the probe's teacher and each raised end's plain solve, on the probe's noises."""
+    probe = sum(_probe_sizes(int(st.noise.shape[0]), len(st.conditions), st.holdout))
+    sig = [float(s) for s in st.sigmas]
+    fn = SAMPLERS[st.sampler]
+    per_probe = teacher_evaluations(st.fn.base, sig, int(st.fine_steps), st.sigma_min) + sum(
+        fn.evaluations(cand, **st.options) for _, cand in _end_candidates(st.sigmas))
+    return probe * per_probe / st.noise.shape[0]
+
+
+@planned_evaluations(lambda st, before: _probe_evaluations(st) if st.wants_probe else 0.0)
 def _raised_start(st):
     """Start from a raised last positive sigma where the plain solver ends closer to the teacher (_raised_end)."""
-    if (st.end_to_end and st.validate and st.holdout > 0 and st.learn_sigmas is True and st.shared_teacher is None
-            and float(st.sigmas[-1]) == 0 and len(st.sigmas) >= 3):
+    if st.wants_probe:
         with torch.no_grad():
             st.sigmas, st.start_schedule = _raised_end(
                 st.model, st.sigmas, st.noise, st.conditions, st.fam, st.sampler, st.fn.base, int(st.fine_steps),
@@ -309,8 +343,19 @@ def _plan(st):
     st.endpoint, st.strength, st.sample_sigmas = None, 1.0, None
 
 
+def _fit_evaluations(st):
+    """The teacher on the noises it runs for (none with a shared teacher), and the fit's own steps (with a local
+    target, each step's fine solve too)."""
+    run = st.run
+    teacher = teacher_evaluations(st.fn.base, run.sig, int(st.fine_steps), run.sigma_min)
+    taught = 1.0 if st.teacher_chunks == len(run.chunks) else _held_share(st) if st.teacher_chunks else 0.0
+    fit = (st.kind.fit_evaluations(st) + (teacher if st.target == "local" else 0)) if st.sequential else 0
+    return fit + (teacher * taught if st.shared_teacher is None else 0.0)
+
+
 @progress_units(lambda st: (st.kind.fit_units(st.run.n_steps, len(st.run.chunks), 1 if st.run.sig[-1] == 0 else 0)
                             if st.sequential else 0) + st.run.n_steps * st.teacher_chunks)  # the fit, the teacher
+@planned_evaluations(lambda st, before: _fit_evaluations(st))
 def _per_step_fit(st):
     """Each step's parameters fitted in turn to the teacher (or the base solver's, for a schedule-only fit)."""
     run = st.run
@@ -324,8 +369,15 @@ def _per_step_fit(st):
                 st.teacher.advance(i, range(len(run.chunks)) if st.end_to_end else st.held)
 
 
+def _held_share(st):
+    return sum(st.run.chunks[j].n for j in st.held) / st.noise.shape[0]
+
+
 @progress_units(lambda st: ((len(STRENGTHS) if st.sequential else 1) + (st.user_options != st.options)) * len(st.held)
                 if st.validate else 0)  # each candidate samples the held-out noises
+@planned_evaluations(lambda st, before: ((len(STRENGTHS) if st.sequential else 1) + (st.user_options != st.options))
+                     * _held_share(st) * SAMPLERS[st.sampler].evaluations(st.run.sigmas, **st.options)
+                     if st.validate else 0.0)
 def _strength_check(st):
     """The fit scaled towards the base solver (and the plain sampler as asked), judged on the held-out noises."""
     if not (st.validate and st.held):
@@ -346,7 +398,15 @@ def _strength_check(st):
             st.fallback = torch.ones_like(st.fallback)
 
 
+def _budget(st, sequential_cost):
+    """The end-to-end stage's budget per noise: the caller's, else BUDGET_FACTOR times what came before it."""
+    if st.shared_teacher is not None:
+        sequential_cost += st.shared_teacher.dedicated_cost(st.run.n_steps)
+    return BUDGET_FACTOR * sequential_cost if st.budget is None else float(st.budget)
+
+
 @progress_units(lambda st: E2E_UNITS if st.end_to_end else 0)
+@planned_evaluations(lambda st, before: _budget(st, before) if st.end_to_end else 0.0)
 def _end_to_end(st):
     """Every step's parameters (and the time steps) learned jointly through the sampler (end_to_end.py).
 
@@ -374,9 +434,7 @@ def _end_to_end(st):
         return
     run = st.run
     sequential_cost = run.sample_evaluations / st.noise.shape[0]
-    if st.shared_teacher is not None:
-        sequential_cost += st.shared_teacher.dedicated_cost(run.n_steps)
-    limit = BUDGET_FACTOR * sequential_cost if st.budget is None else float(st.budget)
+    limit = _budget(st, sequential_cost)
     # the learned last positive sigma stays above the model's sigma_min or, for a model defined at every sigma,
     # the requested one: a raised start may come back down, never below what the user's schedule allows
     requested = st.requested
@@ -403,6 +461,8 @@ def _end_to_end(st):
 
 
 @progress_units(lambda st: len(st.held) if st.raised else 0)  # the plain solver on the requested schedule
+@planned_evaluations(lambda st, before: _held_share(st) * SAMPLERS[st.sampler].evaluations(st.requested, **st.options)
+                     if st.raised else 0.0)
 def _requested_check(st):
     """The base a calibration must never end worse than is the plain solver on the schedule the user asked for,
     not only on the raised one the probe (on fit noises) preferred: the same held-out noises judge both."""
@@ -466,6 +526,53 @@ def _calibration_file(st):
 # Public entry
 # --------------------------------------------------------------------------------------------------
 
+def _state(model, sigmas, sampler, noise, extra_args, progress, settings, options):
+    """The calibration's state before its first stage, after checking the arguments, and the solver-option
+    variants to search over (none, or each calibrated in turn: _best_variant)."""
+    fn, sigmas, conditions = _checked(sampler, sigmas, noise, extra_args, settings)
+    user_options = dict(options)  # as the user asked: the plain sampler the fit must beat runs with these
+    variants = KINDS[fn.kind].variants(sampler, options)
+    if variants and not (settings["validate"] and settings["holdout"] > 0):
+        options.update(variants[0])
+        variants = []
+    st = SimpleNamespace(**settings, settings=settings, model=model, sampler=sampler, fn=fn, kind=KINDS[fn.kind],
+                         noise=noise, extra_args=extra_args, conditions=conditions, progress=progress,
+                         fam=Family.of(settings["family"], settings["shift"]), asked=sigmas, sigmas=sigmas,
+                         requested=sigmas.detach().cpu().to(torch.float64), user_options=user_options,
+                         options=options, started=time.perf_counter(), start_schedule=None)
+    st.wants_probe = _wants_probe(st)
+    return st, variants
+
+
+def plan(sigmas, sampler, noises, extra_args=None, **keywords):
+    """What ``calibrate`` with these arguments (``noises``: the batch size) will spend, before any model call: a
+    dict of the model-evaluation equivalents (a backward pass counts two) per noise of each stage, ``per_noise``,
+    ``noises`` and ``total``, and whether that is an ``upper_bound``. Exact for IIA without the raised-end probe; with
+    it, planned at the highest raise the probe may choose (a raise it rejects after the end-to-end stage fits the
+    requested schedule again, which is not planned); for AMED an upper bound (its search tries at most every
+    refinement); a search over solver-option variants (amed_ipndm) calibrates each."""
+    bound = inspect.signature(calibrate).bind(None, sigmas, sampler, torch.zeros(int(noises), 1), extra_args,
+                                              **keywords)
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    options = args.pop("options")
+    settings = {k: v for k, v in args.items() if k not in ("model", "sigmas", "sampler", "noise", "extra_args",
+                                                             "progress")}
+    st, variants = _state(None, args["sigmas"], sampler, args["noise"], extra_args, None, settings, options)
+    stages, before = {}, 0.0
+    for stage in STAGES:
+        if stage is _plan:
+            if st.wants_probe:  # the probe may raise the end: planned at the highest raise, and the recheck after
+                st.sigmas = _end_candidates(st.sigmas)[-1][1]
+            _plan(st)
+            st.raised = st.wants_probe
+        elif hasattr(stage, "evaluations"):
+            stages[stage.__name__.strip("_").replace("_", " ")] = spent = stage.evaluations(st, before)
+            before += spent
+    runs = max(1, len(variants))
+    return {"stages": {k: runs * v for k, v in stages.items()}, "per_noise": runs * before, "noises": int(noises), "total": runs * before * int(noises),
+            "upper_bound": st.fn.kind == "amed" or st.wants_probe, "variants": runs}
+
 def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,
               sigma_min=None, end_to_end=True, learn_params=True, learn_sigmas=True, budget=None, time_limit=None,
@@ -503,19 +610,9 @@ def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, sh
                     step_fraction=step_fraction,
                     storage_device=storage_device, cancel=cancel, info=info, shared_teacher=shared_teacher,
                     network=network)
-    fn, sigmas, conditions = _checked(sampler, sigmas, noise, extra_args, settings)
-    user_options = dict(options)  # as the user asked: the plain sampler the fit must beat runs with these
-    variants = KINDS[fn.kind].variants(sampler, options)
+    st, variants = _state(model, sigmas, sampler, noise, extra_args, progress, settings, options)
     if variants:  # a search over solver options: one calibration per variant
-        if validate and holdout > 0:
-            return _best_variant(model, sigmas, sampler, noise, extra_args, progress, dict(settings, **options),
-                                 variants)
-        options.update(variants[0])
-    st = SimpleNamespace(**settings, settings=settings, model=model, sampler=sampler, fn=fn, kind=KINDS[fn.kind], noise=noise,
-                         extra_args=extra_args, conditions=conditions, progress=progress,
-                         fam=Family.of(family, shift), asked=sigmas, sigmas=sigmas,
-                         requested=sigmas.detach().cpu().to(torch.float64), user_options=user_options,
-                         options=options, started=time.perf_counter(), start_schedule=None)
+        return _best_variant(model, st.asked, sampler, noise, extra_args, progress, dict(settings, **options), variants)
     for stage in STAGES:
         done = stage(st)
         if done is not None:  # the stage made the whole calibration (a recheck that fitted another schedule)

@@ -18,8 +18,12 @@ class TimeLeft:
 
     def __init__(self, clock=time.monotonic):
         self.clock, self.start = clock, None
+        self.note = None  # said after the estimate, e.g. the planned evaluations (planned_text)
 
     def text(self, done, total):
+        return self._estimate(done, total) + (f"; {self.note}" if self.note else "")
+
+    def _estimate(self, done, total):
         now, share = self.clock(), f"{100 * done / max(total, 1):.0f}%"
         if self.start is None or done <= self.start[1]:
             if self.start is None:
@@ -28,3 +32,11 @@ class TimeLeft:
         t0, d0 = self.start
         left = (now - t0) / (done - d0) * max(total - done, 0)
         return f"{share}, {_duration(left)} left"
+
+
+def planned_text(plan):
+    """What a calibration will spend (engine.plan, ranges.plan_range), in words, for before it starts."""
+    e2e = plan.get("stages", {}).get("end to end", 0.0) / max(plan["per_noise"], 1e-9)
+    return (f"about {int(round(plan['total'])):,} model evaluations planned ({plan['per_noise']:.0f} per noise for "
+            f"{plan['noises']} noises, a backward pass counted as two"
+            + (f"; {e2e:.0%} of it the end-to-end stage)" if e2e >= 0.005 else ")"))

@@ -14,7 +14,7 @@ import torch
 
 from ..samplers import SAMPLERS, Family
 from .batch import check_cancel, split_chunks
-from .engine import calibrate
+from .engine import calibrate, plan
 from .entries import denoise_schedule
 from .file import CalibrationSet
 from .requests import check_afs, check_request
@@ -123,6 +123,24 @@ def calibrate_range(model, schedule, sampler, noise, extra_args=None, *, steps=(
         entries[0].info.update(model_evaluations_per_sample=per_sample)
         return entries[0]
     return CalibrationSet(entries, summary)
+
+
+def plan_range(schedule, sampler, noises, extra_args=None, *, steps=(8,), cfgs=(None,), denoises=(1.0,),
+               denoise_rules=(denoise_schedule,), with_cfg=None, data=None, noise_scaling=None, share_teacher=True,
+               **keywords):
+    """What ``calibrate_range`` with these arguments will spend, before any model call: ``engine.plan``'s dict summed
+    over the entries, each planned as a calibration of its own (a shared teacher spends less; the model's own
+    samples that start runs below full denoise, one sampling run per noise and cfg, are not counted)."""
+    steps, denoises, cfgs = _checked(sampler, steps, denoises, cfgs, keywords.get("afs"))
+    plans = [plan(sig, sampler, noises, extra_args, **keywords)
+             for _, _, sig in _schedules(schedule, steps, denoises, denoise_rules)] * len(cfgs)
+    stages = {}
+    for p in plans:
+        for name, spent in p["stages"].items():
+            stages[name] = stages.get(name, 0.0) + spent
+    per_noise = sum(p["per_noise"] for p in plans)
+    return {"stages": stages, "per_noise": per_noise, "noises": int(noises), "total": per_noise * int(noises),
+            "upper_bound": True, "entries": len(plans)}
 
 
 def _schedules(schedule, steps, denoises, rules):

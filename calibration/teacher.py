@@ -30,6 +30,18 @@ def sub_grid(a, b, fine_steps, sigma_min=None):
     return grid
 
 
+def evaluations(base, sig, fine_steps, sigma_min=None):
+    """Model evaluations per noise of the teacher through the schedule ``sig`` (floats): the base solver over each
+    interval's sub-grid, its history carried across intervals (S-PNDM's two-evaluation start happens once)."""
+    per_step = B.BASE_STEPS[base][1]
+    count = 0
+    for a, b in zip(sig, sig[1:]):
+        grid = sub_grid(a, b, fine_steps, sigma_min)
+        count += (len(grid) - 1) * per_step - (1 if per_step == 2 and grid[-1] == 0 else 0)
+    first = sub_grid(sig[0], sig[1], fine_steps, sigma_min) if len(sig) > 1 else [0, 0]
+    return count + (1 if base == "spndm" and first[1] > 0 else 0)
+
+
 def sub_solve(step_fn, ev, x, a, b, fine_steps, hist, family, options, sigma_min=None):
     """The teacher solver over ``fine_steps`` sub-steps of [a, b], continuing ``hist``; returns (x, hist)."""
     grid = sub_grid(a, b, fine_steps, sigma_min)

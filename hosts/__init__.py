@@ -19,8 +19,10 @@ import os
 import torch
 
 from ..calibration import calibrate
+from ..calibration.engine import plan
+from ..calibration.progress import planned_text
 from ..calibration.library import first_use_path, no_match_message, other_size, short_no_match, size_note
-from ..calibration.ranges import calibrate_range
+from ..calibration.ranges import calibrate_range, plan_range
 from ..samplers import SAMPLERS
 
 log = logging.getLogger("calibrated_samplers")
@@ -66,8 +68,9 @@ def first_use(method, denoiser, sigmas, states, *, folder, cfg, fingerprint, sha
     the name the next run at this setting finds, and return (calibration, path). Two runs that fit the same setting
     at once are both valid: the first file written stays. ``options``: ``calibrate``'s."""
     path = first_use_path(folder, method, sigmas, cfg, fingerprint["id"], afs, tuple(shape))
-    log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s)",
-             method, states.shape[0], os.path.basename(path))
+    log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s): %s",
+             method, states.shape[0], os.path.basename(path),
+             planned_text(plan(sigmas, method, states.shape[0], **({"afs": True} if afs else {}), **options)))
     info = dict(info or {}, cfg=cfg, fingerprint=fingerprint["id"], fingerprint_detail=fingerprint,
                 latent_shape=list(shape))
     cal = calibrate(denoiser, sigmas, method, states, info=info, **({"afs": True} if afs else {}), **options)
@@ -95,7 +98,24 @@ class Job:
                  first_noise=None):
         self.method, self.noise, self.prompts, self.fit_options, self.info = method, noise, prompts, fit_options, info
         self.progress, self.cancel, self.spread, self.first_noise = progress, cancel, spread, first_noise
-        self.result = None
+        self.result = self.planned = None
+
+
+def announce_plan(job, sigmas, conditions, spread, options):
+    """Say what ``job`` will spend before it starts (the console; the UI's progress text, where its ``progress``
+    carries a ``time_left``: calibration.progress.TimeLeft), and keep it as ``job.planned``."""
+    if spread is None:
+        planned = plan(sigmas, job.method, job.noise.shape[0], conditions, **options)
+    else:
+        spread = dict(spread)
+        planned = plan_range(spread.pop("schedule"), job.method, job.noise.shape[0], conditions, **spread, **options)
+    job.planned = planned
+    text = planned_text(planned)
+    log.info("[Calibrated Samplers] %s: %s", job.method, text)
+    left = getattr(job.progress, "time_left", None)
+    if left is not None:
+        left.note = text
+    return planned
 
 
 def run(job, denoiser, sigmas, states, noise, conditions, family, cfg, fingerprint, with_cfg, range_options=None,
@@ -106,11 +126,13 @@ def run(job, denoiser, sigmas, states, noise, conditions, family, cfg, fingerpri
     the UI adds to ``calibrate_range`` (its schedule, start states, denoise rules); ``options``: both fits'."""
     info = dict(job.info, cfg=cfg, fingerprint=fingerprint["id"], fingerprint_detail=fingerprint)
     common = dict(family=family.name, shift=family.shift, progress=job.progress, cancel=job.cancel, **options)
+    spread = None if job.spread is None else dict(job.spread, **(range_options or {}))
+    announce_plan(job, sigmas, conditions, spread, dict(options, family=family.name, shift=family.shift,
+                                                        **job.fit_options))
     if job.spread is None:
         job.result = calibrate(denoiser, sigmas, job.method, states, conditions, info=info, **common,
                                **job.fit_options)
         return job.result
-    spread = dict(job.spread, **(range_options or {}))
     try:
         job.result = calibrate_range(denoiser, spread.pop("schedule"), job.method, noise, with_cfg=with_cfg,
                                      info=dict(info, primary={"steps": len(sigmas) - 1, "cfg": cfg}), **common,

@@ -142,6 +142,7 @@ def comfy_progress():
         if tenth > said[0]:
             said[0] = tenth
             log.info("[Calibrated Samplers] %s", text)
+    progress.time_left = left  # where the host puts the planned evaluations (hosts.announce_plan)
     return progress
 
 

@@ -385,13 +385,15 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         raise ValueError(f"unknown scheduler {scheduler!r}: use one of {', '.join(known)}")
     folder = env.folder()
     path = output_path(folder, filename, overwrite)
-    g, left = torch.Generator().manual_seed(int(seed)), TimeLeft()
+    # one estimate for the web UI's text and the caller's (the tab's bar), which carries the planned evaluations
+    g, left = torch.Generator().manual_seed(int(seed)), getattr(on_progress, "time_left", None) or TimeLeft()
 
     def progress(done, total):
         shared.state.sampling_step, shared.state.sampling_steps = done, total
         shared.state.textinfo = f"Calibrated Samplers: calibrating {method}, {left.text(done, total)}"
         if on_progress is not None:
             on_progress(done, total)
+    progress.time_left = left  # where the host puts the planned evaluations (hosts.announce_plan)
 
     with call_queue.queue_lock:
         # again under the lock: a calibration to the same name may have finished while this one waited
@@ -511,6 +513,7 @@ def run_from_tab(env, label, steps, scheduler, cfg, width, height, prompts, nega
     def on_progress(done, total):
         if progress is not None and total:
             progress(done / total, desc=f"calibrating {names.get(method, method)}: {left.text(done, total)}")
+    on_progress.time_left = left
     try:
         result, path = calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompts.splitlines(),
                                           negative, batch_size, fine_steps, seed, filename, overwrite=overwrite,

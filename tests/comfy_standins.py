@@ -197,13 +197,16 @@ def install(monkeypatch, base_dir, interrupted=lambda: False):
     fp.get_folder_paths, fp.get_filename_list = get_folder_paths, get_filename_list
     fp.get_full_path, fp.get_full_path_or_raise = get_full_path, get_full_path_or_raise
     server = types.ModuleType("server")
-    sent = []
+    sent, texts = [], []
 
     class PromptServer:
         client_id, last_node_id = "client-1", "7"
 
         def send_sync(self, event, data, sid=None):
             sent.append((event, data, sid))
+
+        def send_progress_text(self, text, node_id, sid=None):
+            texts.append((text, node_id))
     PromptServer.instance = PromptServer()
     server.PromptServer = PromptServer
     comfy.samplers, comfy.k_diffusion, comfy.utils, comfy.model_management = samplers, k_diffusion, utils, mm
@@ -212,4 +215,4 @@ def install(monkeypatch, base_dir, interrupted=lambda: False):
                       "comfy.k_diffusion.sampling": k_sampling, "comfy.utils": utils,
                       "comfy.model_management": mm, "folder_paths": fp, "server": server}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    return types.SimpleNamespace(samplers=samplers, k_sampling=k_sampling, folder_paths=fp, bars=bars, sent=sent)
+    return types.SimpleNamespace(samplers=samplers, k_sampling=k_sampling, folder_paths=fp, bars=bars, sent=sent, texts=texts)

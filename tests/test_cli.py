@@ -24,13 +24,18 @@ def test_calibrate_inspect_plot(tmp_path, capsys):
     assert (tmp_path / "cal.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_calibrate_with_afs_takes_one_step_more_for_the_same_evaluations(tmp_path):
+def test_calibrate_with_afs_takes_one_step_more_for_the_same_evaluations(tmp_path, capsys):
     out = tmp_path / "afs.safetensors"
     main(["calibrate", "--model", "analytic-edm", "--sampler", "iia_dpmpp_2m", "--evaluations", "5", "--afs",
-          "--batch", "64", "--no-end-to-end", "--quiet", "--out", str(out)])
+          "--batch", "64", "--no-end-to-end", "--out", str(out)])
     cal = load(out)
     assert cal.steps == 6 and cal.options == {"afs": True}
     assert SAMPLERS["iia_dpmpp_2m"].evaluations(cal.sigmas, **cal.options) == 5
+    # before the bar, what the work will spend, which is what it spent
+    per_noise = cal.info["model_evaluations_per_sample"]
+    assert capsys.readouterr().err.startswith(
+        f"calibration: about {round(64 * per_noise):,} model evaluations planned ({per_noise:.0f} per noise for 64 "
+        "noises, a backward pass counted as two)\n\rcalibrating [")
 
 
 def test_module_entry_point_and_clear_errors(tmp_path):

@@ -10,7 +10,9 @@ import torch
 from calibrated_samplers.calibration import Calibration, calibrate, load
 from calibrated_samplers.calibration.identity import fingerprint
 from calibrated_samplers.calibration.library import Library, ModelMismatch, check_model, no_match_message
+from calibrated_samplers.calibration.engine import plan
 from calibrated_samplers.calibration.picture import residual_image
+from calibrated_samplers.calibration.progress import planned_text
 from calibrated_samplers import hosts
 from calibrated_samplers.nodes import declare, runtime
 from calibrated_samplers.samplers import SAMPLERS, CalibrationMismatch
@@ -484,6 +486,11 @@ def test_calibrate_node_writes_a_file_the_sampler_nodes_use(comfy, tmp_path):
     assert saved.info["cfg"] == 2.0 and saved.info["schedule"] == "karras, 5 steps"
     assert image.shape == (1, 360, 768, 3) and torch.equal(sigmas, cal.sampling_sigmas.float())
     assert comfy.bars and comfy.bars[0].values[-1][0] == comfy.bars[0].values[-1][1]  # the bar reached its end
+    # the node's text says what the work will spend from its first report on (engine.plan's figure)
+    planned = plan(comfy.samplers.calculate_sigmas(None, "karras", 5), "iia_dpmpp_2m", 8, [{}, {}], fine_steps=3,
+                   chunk_size=4, sigma_min=patcher.get_model_object("model_sampling").sigma_min)
+    assert comfy.texts[0][0].startswith("calibrating: 1%, estimating the time left; about ")
+    assert all(text.endswith(planned_text(planned)) for text, _ in comfy.texts)
     with pytest.raises(FileExistsError):
         classes["CalibratedSamplersCalibrate"]().run(
             model=patcher, positive=pos, negative=neg, cfg=2.0, method="iia_dpmpp_2m", scheduler="karras", steps=5,

@@ -271,6 +271,8 @@ def test_an_afs_job_writes_a_file_whose_runs_make_one_model_call_fewer(script, t
     finally:
         script._pending.job = None
     assert job.result.options == {"afs": True}
+    # what the host said the job would spend before it began is what it spent
+    assert job.planned["per_noise"] == job.result.info["model_evaluations_per_sample"]
     job.result.save(tmp_path / "afs.safetensors")
     fn = script.make_sampler("iia_dpmpp_2m", script.library_for(str(tmp_path)), Env(sd))
     model, plain = CFGModel(2), CFGModel(2)
@@ -441,6 +443,7 @@ def test_the_tab_takes_sampler_list_names_shows_progress_and_says_why_not(script
 
     def fake(env, method, *args, on_progress=None, **kw):
         seen["method"], seen["afs"] = method, kw.get("afs")
+        on_progress.time_left.note = "about 9 model evaluations planned"  # as hosts.announce_plan says it
         for done in range(1, 5):
             on_progress(done, 4)
         return cal, str(tmp_path / "x.safetensors")
@@ -450,6 +453,7 @@ def test_the_tab_takes_sampler_list_names_shows_progress_and_says_why_not(script
                                            progress=lambda f, desc="": bar.append((f, desc)))
     assert seen["method"] == "iia_dpmpp_2m" and seen["afs"] is False and message.startswith("Wrote ")
     assert [f for f, _ in bar] == [0.25, 0.5, 0.75, 1.0] and "IIA DPM++ 2M (calibrated)" in bar[0][1]
+    assert all(desc.endswith("; about 9 model evaluations planned") for _, desc in bar)
     assert picture.dtype.name == "uint8" and picture.ndim == 3
     script.run_from_tab(None, "IIA DPM++ 2M (calibrated)", *args, afs=True)
     assert seen["afs"] is True

@@ -31,6 +31,13 @@ class AMED(Kind):
     def fit_units(self, n_steps, n_chunks, ends_in_zero):
         return (3 * n_steps - 2 * ends_in_zero) * n_chunks  # search, refine, advance; the step into 0 only advances
 
+    def fit_evaluations(self, st):
+        # per step: its own evaluation (none for AFS's first), one per candidate (the coarse grid, then at most the
+        # refinements), one to advance; the step into 0 only evaluates at its own sigma
+        afs = bool(st.options.get("afs", False))
+        inner = sum(1 for s in st.run.sig[1:] if s > 0)
+        return (len(st.run.sig) - 1) + inner * (len(R_COARSE) + len(REFINE) + 1) - (1 if afs else 0)
+
     def fit(self, st):
         return _fit(st.run, st.sampler, st.teacher, st.target, st.afs, st.solver_options, st.fit_info)
 

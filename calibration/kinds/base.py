@@ -25,6 +25,11 @@ class Kind:
         """Progress units of the per-step fit."""
         raise NotImplementedError
 
+    def fit_evaluations(self, st):
+        """Model evaluations per noise of the per-step fit's own steps (the teacher's are counted apart); an upper
+        bound where the fit's search decides how many candidates it tries."""
+        raise NotImplementedError
+
     def fit(self, st):
         """The per-step fit along the calibrated trajectory: (params, residual before, after, fallback), the
         residuals per step on the held-out share, fallback 1 where a step kept the base update."""

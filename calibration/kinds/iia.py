@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from ...samplers import SAMPLERS
 from ...samplers import base as B
 from ...samplers.core import HISTORY_KEPT, remember
 from ...samplers.iia import VARIANT_BY_NAME, AnalyticFirst
@@ -26,6 +27,9 @@ class IIA(Kind):
 
     def fit_units(self, n_steps, n_chunks, ends_in_zero):
         return n_steps * n_chunks
+
+    def fit_evaluations(self, st):
+        return SAMPLERS[st.sampler].evaluations(st.run.sigmas, **st.options)  # each step once, as sampling does
 
     def fit(self, st):
         return _fit(st.run, st.variant, st.teacher, st.target, st.depth, st.ridge, st.solver_options, st.fit_info,
