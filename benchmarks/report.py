@@ -10,7 +10,9 @@ import time
 import torch
 
 from calibrated_samplers.calibration.engine import BUDGET_FACTOR
-from run import CALIBRATED, CONFIRM_FACTOR, HERE, best
+from suite import CALIBRATED, CONFIRM_FACTOR, best
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def write(done, settings, args, started, reused, jobs, code):

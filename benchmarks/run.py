@@ -36,7 +36,8 @@ from calibrated_samplers.calibration.testbed.kdiffusion import load_k_diffusion_
 from calibrated_samplers.samplers import SAMPLERS, steps_for_evaluations  # noqa: E402
 from jobs import Results, code_fingerprint  # noqa: E402  (benchmarks/jobs.py)
 from memory import proc_status, reset_peak  # noqa: E402  (benchmarks/memory.py)
-from peers import gits_schedule, ld3_calibration  # noqa: E402  (benchmarks/peers.py)
+from peers import gits_schedule  # noqa: E402  (benchmarks/peers.py)
+from suite import CALIBRATED, CALIBRATED_AS, CONFIRM_FACTOR, best  # noqa: E402  (benchmarks/suite.py)
 
 # uncalibrated: label -> (callable maker, the pack sampler with the same evaluation count per schedule)
 K_SAMPLERS = {"euler": "iia_ddim", "heun": "iia_edm", "dpm_2": "amed_dpm_2", "lms": "iia_ipndm",
@@ -44,8 +45,6 @@ K_SAMPLERS = {"euler": "iia_ddim", "heun": "iia_edm", "dpm_2": "amed_dpm_2", "lm
 PACK_PLAIN = {"ipndm": "iia_ipndm", "spndm": "iia_spndm", "gddim": "gddim"}
 # the default pick, and it with the analytic first step (benchmarks/afs.py: better on some models, worse on others);
 # the other calibrated samplers cost the same again each (earlier runs: no better)
-CALIBRATED = ["iia_dpmpp_2m", "iia_dpmpp_2m (afs)"]
-CALIBRATED_AS = {"iia_dpmpp_2m (afs)": ("iia_dpmpp_2m", {"afs": True})}  # label -> (sampler, solver options)
 PEER_SOLVERS = {"dpmpp_2m": "iia_dpmpp_2m", "ipndm": "iia_ipndm"}  # plain solver -> the pack sampler that is it
 SETTINGS = [("digits-eps", 1.0), ("digits-eps", 5.0), ("digits-flow", 1.0), ("digits-eps-narrow", 1.0),
             ("shapes-eps", 1.0), ("shapes-eps", 5.0), ("textures-flow", 1.0)]
@@ -132,9 +131,6 @@ class NoFeatures:
 def features_for(model_name):
     from calibrated_samplers.calibration.testbed import tiny
     return Digits() if tiny.MODELS.get(model_name, (None,) * 4)[3] == "digits" else NoFeatures()
-
-
-CONFIRM_FACTOR = 3  # the confirmation set is this many times the test set
 
 
 def per_noise_rmse(x, reference):
@@ -312,14 +308,6 @@ def run_setting(st, evals, digits, log, calibrated=CALIBRATED):
     return rows, kinds, cal_rows, reference, headline
 
 
-def best(rows, kinds, n, kind, standard=False, metric="rmse"):
-    """The lowest RMSE (or other ``metric``) of ``kind`` at ``n`` evaluations and its label; ``standard``: only
-    schedules that end at the model's own sigma_min (as every scheduler a UI offers by default does)."""
-    cands = [(r[n][metric], label) for label, r in rows.items() if n in r and kinds[label] == kind
-             and metric in r[n] and not (standard and "(last " in label)]
-    return min(cands) if cands else (float("nan"), None)
-
-
 CURVE_FACTORS = (1.0, 2.0, 4.0, 8.0, 16.0)  # end-to-end budgets tried, in multiples of the per-step fit's evaluations
 
 
@@ -394,7 +382,7 @@ COST = {4: 0.7, 5: 1.0, 6: 1.3, 8: 2.0, 10: 2.8}  # rough relative cost of one c
 PACK = os.path.dirname(HERE)
 # what a finished job's result depends on: the pack's solver and calibration code (bundled weights included), the
 # peers and this file (report.py, which only writes, is left out); a job saved under another fingerprint runs again
-FINGERPRINTED = ("samplers", "calibration", "benchmarks/peers.py", "benchmarks/memory.py")
+FINGERPRINTED = ("samplers", "calibration", "benchmarks/peers.py", "benchmarks/memory.py", "benchmarks/suite.py")
 
 
 def fingerprint():
@@ -533,7 +521,7 @@ def main():
     else:
         done = [run_one(j) for j in jobs]
     done += reused
-    import report  # here: report.py reads this module's tables
+    import report
     report.write(done, settings, args, started, reused, jobs, code)
 
 

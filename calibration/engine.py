@@ -398,15 +398,19 @@ def _strength_check(st):
             st.fallback = torch.ones_like(st.fallback)
 
 
-def _budget(st, sequential_cost):
+def _start_cost(st, spent):
+    """What the stages before the end-to-end one cost per noise (``spent``), a shared teacher counted as a
+    dedicated one would have cost: the end-to-end budget's unit."""
+    return spent + (st.shared_teacher.dedicated_cost(st.run.n_steps) if st.shared_teacher is not None else 0.0)
+
+
+def _budget(st, start_cost):
     """The end-to-end stage's budget per noise: the caller's, else BUDGET_FACTOR times what came before it."""
-    if st.shared_teacher is not None:
-        sequential_cost += st.shared_teacher.dedicated_cost(st.run.n_steps)
-    return BUDGET_FACTOR * sequential_cost if st.budget is None else float(st.budget)
+    return BUDGET_FACTOR * start_cost if st.budget is None else float(st.budget)
 
 
 @progress_units(lambda st: E2E_UNITS if st.end_to_end else 0)
-@planned_evaluations(lambda st, before: _budget(st, before) if st.end_to_end else 0.0)
+@planned_evaluations(lambda st, before: _budget(st, _start_cost(st, before)) if st.end_to_end else 0.0)
 def _end_to_end(st):
     """Every step's parameters (and the time steps) learned jointly through the sampler (end_to_end.py).
 
@@ -433,7 +437,7 @@ def _end_to_end(st):
     if not st.end_to_end:
         return
     run = st.run
-    sequential_cost = run.sample_evaluations / st.noise.shape[0]
+    sequential_cost = _start_cost(st, run.sample_evaluations / st.noise.shape[0])
     limit = _budget(st, sequential_cost)
     # the learned last positive sigma stays above the model's sigma_min or, for a model defined at every sigma,
     # the requested one: a raised start may come back down, never below what the user's schedule allows

@@ -57,16 +57,21 @@ class Server:
             return f.read()
 
     def wait_up(self, path, limit=300):
-        t0 = time.time()
-        while True:
+        def answers():
             try:
-                if self.http("GET", path, timeout=5)[0] == 200:
-                    return
+                return self.http("GET", path, timeout=5)[0] == 200
             except OSError:
-                pass
+                return False
+        self.wait_for(answers, "server did not start", limit)
+
+    def wait_for(self, ready, failure, limit=300):
+        """Until ``ready()``; where the server exits or ``limit`` seconds pass first, stop it and raise ``failure``
+        with its log's tail."""
+        t0 = time.time()
+        while not ready():
             if self.proc.poll() is not None or time.time() - t0 > limit:
                 self.stop()
-                raise RuntimeError(f"server did not start; log tail:\n{open(self.log).read()[-4000:]}")
+                raise RuntimeError(f"{failure}; log tail:\n{self.log_since(0)[-4000:]}")
             time.sleep(0.5)
 
     def stop(self):
@@ -227,12 +232,8 @@ class WebUI(Server):
 
     def wait_loaded(self, limit=300):
         """A1111's API answers before its checkpoint has loaded (it loads in a thread)."""
-        t0 = time.time()
-        while self.kind == "a1111" and "Model loaded in" not in self.log_since(0):
-            if self.proc.poll() is not None or time.time() - t0 > limit:
-                self.stop()
-                raise RuntimeError(f"the checkpoint did not load; log tail:\n{self.log_since(0)[-4000:]}")
-            time.sleep(0.5)
+        if self.kind == "a1111":
+            self.wait_for(lambda: "Model loaded in" in self.log_since(0), "the checkpoint did not load", limit)
 
     def post(self, path, body, timeout=3600):  # a calibration with its end-to-end stage: 13-30 min on shared cores
         status, raw = self.http("POST", path, body, timeout=timeout)
