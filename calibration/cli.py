@@ -97,7 +97,9 @@ def calibrate_spread(args, bed, spread):
                     chunk_size=args.chunk_size, holdout=args.holdout, sigma_min=bed.sigma_min,
                     end_to_end=args.end_to_end, learn_sigmas=args.learn_sigmas, budget=args.budget,
                     **({"afs": True} if args.afs else {}), **spread)
-    planned = plan_range(bed.sigmas, args.sampler, args.batch, [{}] if spread["cfgs"][0] is None else bed.conditions(spread["cfgs"][0]), **settings)
+    first_cfg = spread["cfgs"][0]
+    planned = plan_range(bed.sigmas, args.sampler, args.batch, [{}] if first_cfg is None else bed.conditions(first_cfg),
+                         **settings)
     result = calibrate_range(
         bed.model, bed.sigmas, args.sampler, noise, [{}], with_cfg=lambda c: (bed.model, bed.conditions(c)),
         progress=None if args.quiet else _bar(planned_text(planned)), **settings,

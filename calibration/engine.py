@@ -574,7 +574,8 @@ def plan(sigmas, sampler, noises, extra_args=None, **keywords):
             stages[stage.__name__.strip("_").replace("_", " ")] = spent = stage.evaluations(st, before)
             before += spent
     runs = max(1, len(variants))
-    return {"stages": {k: runs * v for k, v in stages.items()}, "per_noise": runs * before, "noises": int(noises), "total": runs * before * int(noises),
+    return {"stages": {k: runs * v for k, v in stages.items()}, "per_noise": runs * before, "noises": int(noises),
+            "total": runs * before * int(noises),
             "upper_bound": st.fn.kind == "amed" or st.wants_probe, "variants": runs}
 
 def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,

@@ -215,4 +215,5 @@ def install(monkeypatch, base_dir, interrupted=lambda: False):
                       "comfy.k_diffusion.sampling": k_sampling, "comfy.utils": utils,
                       "comfy.model_management": mm, "folder_paths": fp, "server": server}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    return types.SimpleNamespace(samplers=samplers, k_sampling=k_sampling, folder_paths=fp, bars=bars, sent=sent, texts=texts)
+    return types.SimpleNamespace(samplers=samplers, k_sampling=k_sampling, folder_paths=fp, bars=bars, sent=sent,
+                                 texts=texts)
