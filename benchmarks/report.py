@@ -264,9 +264,9 @@ def write_markdown(path, results, cal_rows, curves, heads, command, machine, too
                   "Rows, top to bottom: " + "; ".join(grid_names) + ". Columns: the same noise for classes 0-9."]
     held = os.path.join(os.path.dirname(path), "heldout.json")
     if os.path.exists(held):  # heldout.py's own run, kept in the regenerated file
-        import heldout
+        import heldout_report
         with open(held) as f:
-            lines += [""] + heldout.gain_section(json.load(f))
+            lines += [""] + heldout_report.gain_section(json.load(f))
     lines += ["", "## Not in this run", "",
               f"- Calibrated samplers other than {', '.join(CALIBRATED)}: each costs as much again; earlier runs "
               "(git history of this file) had all twelve with the per-step fit only.",

@@ -92,12 +92,14 @@ def warnings_of(result):
 class Job:
     """A calibration request that the UI's sampling picks up instead of sampling. ``prompts``: what the UI's adapter
     makes its conditions from; ``spread``: None, or ``calibrate_range``'s steps, cfgs, denoises (and what the UI adds
-    to them); ``first_noise``: the noises the UI's sampling was started with, where it scales them (ComfyUI)."""
+    to them); ``first_noise``: the noises the UI's sampling was started with, where it scales them (ComfyUI);
+    ``announce(text)``: where the UI's console says what the job will spend, if not the logger's info."""
 
     def __init__(self, method, noise, prompts, fit_options, info, progress=None, cancel=None, spread=None,
-                 first_noise=None):
+                 first_noise=None, announce=None):
         self.method, self.noise, self.prompts, self.fit_options, self.info = method, noise, prompts, fit_options, info
         self.progress, self.cancel, self.spread, self.first_noise = progress, cancel, spread, first_noise
+        self.announce = announce
         self.result = self.planned = None
 
 
@@ -111,7 +113,10 @@ def announce_plan(job, sigmas, conditions, spread, options):
         planned = plan_range(spread.pop("schedule"), job.method, job.noise.shape[0], conditions, **spread, **options)
     job.planned = planned
     text = planned_text(planned)
-    log.info("[Calibrated Samplers] %s: %s", job.method, text)
+    if job.announce is not None:
+        job.announce(text)
+    else:
+        log.info("[Calibrated Samplers] %s: %s", job.method, text)
     left = getattr(job.progress, "time_left", None)
     if left is not None:
         left.note = text

@@ -417,7 +417,7 @@ def calibrate_in_webui(env, method, steps, scheduler, cfg, width, height, prompt
         if afs:  # only then: files made without it stay as they were
             fit_options["afs"] = True
         job = hosts.Job(method, noise, prompts, fit_options, info, progress, lambda: bool(shared.state.interrupted),
-                        spread)
+                        spread, announce=lambda text: print(f"[Calibrated Samplers] {method}: {text}"))
         started = time.time()
         run_job(job, p).save(path, replace=bool(overwrite))
     what = (f"{len(job.result)} calibrations: {job.result.summary()}" if spread else f"{steps} steps, cfg {cfg:g}")

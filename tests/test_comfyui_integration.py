@@ -108,6 +108,8 @@ def test_calibrate_then_sample_writes_a_file_that_reloads(server, eps_run):
     assert cal.info["fingerprint"].startswith("cs2-") and cal.info["batch"] == 8
     assert cal.steps == 8 and cal.info["made_by"] == "ComfyUI Calibrate node"
     assert "[Calibrated Samplers] wrote" in eps_run["log"]
+    assert "[Calibrated Samplers] iia_dpmpp_2m: about " in eps_run["log"]  # the planned evaluations, before the work
+    assert "model evaluations planned (" in eps_run["log"].split("[Calibrated Samplers] wrote")[0]
     assert eps_run["outputs"]["22"]["images"]  # the residual picture
     assert [f for f in os.listdir(server.folder) if f.startswith(".tmp")] == []
 

@@ -204,8 +204,8 @@ def test_calibrate_on_first_use_option(webui, calibrated):
 
 
 def test_interrupt_writes_nothing(webui):
-    """Interrupt once the calibration is under way (its job has begun, then a few seconds): the route answers 409 and
-    writes nothing."""
+    """Interrupt once the calibration is under way (its progress text is up): the route answers 409 and writes
+    nothing."""
     import json
     result = {}
 
@@ -214,17 +214,19 @@ def test_interrupt_writes_nothing(webui):
                                  dict(CALIBRATE, method="iia_ddim", batch_size=256, fine_steps=10, filename="interrupted"))
     t = threading.Thread(target=call)
     t.start()
-    deadline = time.time() + 300
-    while time.time() < deadline:  # the web UI's job state: the calibration's job has begun
-        state = json.loads(webui.http("GET", "/sdapi/v1/progress?skip_current_image=true")[1])["state"]
-        if state.get("job") == "calibrated_samplers":
+    deadline, said = time.time() + 600, ""
+    while time.time() < deadline:  # the calibration's own work has begun: its progress text says what it will spend
+        said = json.loads(webui.http("GET", "/sdapi/v1/progress?skip_current_image=true")[1]).get("textinfo") or ""
+        if "model evaluations planned" in said:
             break
         time.sleep(0.5)
-    time.sleep(5)  # past the web UI's preparation (the prompts' conditioning), into the calibration's own work
     webui.http("POST", "/sdapi/v1/interrupt")
     t.join(600)
     status, body = result["r"]
     assert status == 409 and "nothing was written" in body["detail"]
+    # API clients and the console heard the plan before the work: 256 noises, the end-to-end stage most of it
+    assert said.startswith("Calibrated Samplers: calibrating iia_ddim, ") and "for 256 noises" in said, said
+    assert "[Calibrated Samplers] iia_ddim: about " in webui.log_since(0)
     assert "interrupted.safetensors" not in os.listdir(webui.folder)
     assert not [f for f in os.listdir(webui.folder) if f.startswith(".tmp")]
 
