@@ -143,10 +143,11 @@ PROBE_NOISES = 64
 
 
 def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_steps, holdout, chunk_size,
-                storage_device, cancel, sigma_min, options):
+                storage_device, cancel, sigma_min, options, progress=None, later_units=0):
     """The requested schedule with its last positive sigma raised by the one of ``END_FACTORS`` whose plain base
     solver ends closest to the teacher on a probe of fit noises (never held-out ones), the spacing between
-    rescaled in log sigma; returns (sigmas, info).
+    rescaled in log sigma; returns (sigmas, info). ``progress(done, total)`` is told of each chunk's step and solve,
+    the total counting ``later_units`` for the stages after it; ``info["progress_units"]`` is what it used.
 
     At few steps the best last sigma is often far above the model's sigma_min (the step into 0 only denoises),
     further than the end-to-end stage's gradient steps would carry it from there."""
@@ -155,13 +156,14 @@ def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_st
                              _probe_sizes(int(noise.shape[0]), len(conditions), holdout)):
         picks.append(noise[start:start + n_probe])
         start += size
-    probe = _Run(model, sigmas, torch.cat(picks), conditions, family, chunk_size, 0.0, storage_device, None, cancel,
-                 None if sigma_min is None else float(sigma_min))
+    probe = _Run(model, sigmas, torch.cat(picks), conditions, family, chunk_size, 0.0, storage_device, progress,
+                 cancel, None if sigma_min is None else float(sigma_min))
+    candidates = _end_candidates(sigmas)
+    probe.total = len(probe.chunks) * (probe.n_steps + len(candidates)) + later_units
     teacher = Teacher(probe, base, fine_steps, options)
     for i in range(probe.n_steps):
         teacher.advance(i, range(len(probe.chunks)))
     target = teacher.endpoint()
-    candidates = _end_candidates(sigmas)
     per_noise = [_plain_errors(probe, sampler, cand, target, options) for _, cand in candidates]
     scores = [math.sqrt(float(e.mean())) for e in per_noise]
     best = min(range(len(scores)), key=lambda k: (scores[k], k))
@@ -172,7 +174,8 @@ def _raised_end(model, sigmas, noise, conditions, family, sampler, base, fine_st
         best = 0
     info = {"factors": [f for f, _ in candidates], "probe_rmse": [round(e, 6) for e in scores],
             "chosen_factor": candidates[best][0], "probe_noises": int(probe.x0.shape[0]),
-            "sample_evaluations": probe.sample_evaluations, "model_calls": probe.model_calls}
+            "sample_evaluations": probe.sample_evaluations, "model_calls": probe.model_calls,
+            "progress_units": probe.done}
     return candidates[best][1], info
 
 
@@ -217,7 +220,7 @@ def _plain_errors(probe, sampler, sig, target, options):
         probe.model_calls += evaluations
         probe.sample_evaluations += evaluations * ch.n
         out.append((flat(end) - flat(target[ch.sl].to(probe.device))).pow(2).mean(1).cpu())
-        probe.check_cancel()
+        probe.tick()
     return torch.cat(out)
 
 
@@ -304,6 +307,16 @@ def _probe_evaluations(st):
     return probe * per_probe / st.noise.shape[0]
 
 
+def _units_after_probe(st):
+    """The progress units of the stages after the probe, as _plan counts them (on a copy of the state; a raise the
+    probe chooses adds the requested schedule's check to them)."""
+    twin = SimpleNamespace(**vars(st))
+    twin.progress, twin.start_schedule = None, None
+    _plan(twin)
+    return twin.run.total - twin.probe_units
+
+
+@progress_units(lambda st: st.probe_units)
 @planned_evaluations(lambda st, before: _probe_evaluations(st) if st.wants_probe else 0.0)
 def _raised_start(st):
     """Start from a raised last positive sigma where the plain solver ends closer to the teacher (_raised_end)."""
@@ -311,7 +324,9 @@ def _raised_start(st):
         with torch.no_grad():
             st.sigmas, st.start_schedule = _raised_end(
                 st.model, st.sigmas, st.noise, st.conditions, st.fam, st.sampler, st.fn.base, int(st.fine_steps),
-                st.holdout, int(st.chunk_size), st.storage_device, st.cancel, st.sigma_min, st.options)
+                st.holdout, int(st.chunk_size), st.storage_device, st.cancel, st.sigma_min, st.options, st.progress,
+                _units_after_probe(st))
+        st.probe_units = st.start_schedule.pop("progress_units")
 
 
 def _plan(st):
@@ -333,6 +348,7 @@ def _plan(st):
     st.teacher_chunks = n_chunks if (st.target == "trajectory" and sequential) or st.end_to_end else (
         len(held) if st.validate else 0)
     st.raised = st.start_schedule is not None and not torch.equal(run.sigmas.cpu().to(torch.float64), st.requested)
+    run.done = st.probe_units  # the probe reported its share of the bar already
     run.total = sum(stage.units(st) for stage in STAGES if hasattr(stage, "units"))
     if st.shared_teacher is not None and (st.target != "trajectory" or not st.shared_teacher.covers(run.sig)):
         st.shared_teacher = None
@@ -544,7 +560,7 @@ def _state(model, sigmas, sampler, noise, extra_args, progress, settings, option
                          fam=Family.of(settings["family"], settings["shift"]), asked=sigmas, sigmas=sigmas,
                          requested=sigmas.detach().cpu().to(torch.float64), user_options=user_options,
                          options=options, started=time.perf_counter(), start_schedule=None)
-    st.wants_probe = _wants_probe(st)
+    st.wants_probe, st.probe_units = _wants_probe(st), 0
     return st, variants
 
 

@@ -214,6 +214,25 @@ def test_progress_reaches_total_and_cancel_stops():
         calibrate(MIXTURE.edm(), sig, "amed_euler", FIT_NOISE[:40], family="edm", chunk_size=8, cancel=cancel)
 
 
+def test_the_raised_end_probe_reports_progress_from_its_first_chunk():
+    """The probe runs before the rest is planned; its share of the bar counts from its first chunk's first step,
+    against a total that already holds the stages after it (the recheck of the requested schedule, which only a raise
+    adds, comes on top)."""
+    model, denoised, ticks = MIXTURE.edm(), [0], []
+
+    def counted(x, sigma, **kw):
+        denoised[0] += x.shape[0]
+        return model(x, sigma, **kw)
+    sig = schedule("iia_dpmpp_2m", 5)
+    cal = calibrate(counted, sig, "iia_dpmpp_2m", FIT_NOISE[:40], family="edm", chunk_size=8, fine_steps=3, budget=50,
+                    progress=lambda done, total: ticks.append((done, total, denoised[0])))
+    assert ticks[0][:2] == (1, ticks[0][1]) and ticks[0][2] == 8 * 3  # one chunk through the first interval
+    assert [d for d, _, _ in ticks] == list(range(1, len(ticks) + 1)) and ticks[-1][0] == ticks[-1][1]
+    held = 2  # 10 held-out noises in chunks of 8
+    raised = cal.info["start_schedule"]["chosen_factor"] != 1
+    assert {t for _, t, _ in ticks} == ({ticks[0][1], ticks[0][1] + held} if raised else {ticks[0][1]})
+
+
 def test_refuses_what_it_cannot_do():
     sig = schedule("iia_ddim", 5)
     with pytest.raises(ValueError, match="needs no calibration"):
