@@ -68,9 +68,10 @@ def first_use(method, denoiser, sigmas, states, *, folder, cfg, fingerprint, sha
     the name the next run at this setting finds, and return (calibration, path). Two runs that fit the same setting
     at once are both valid: the first file written stays. ``options``: ``calibrate``'s."""
     path = first_use_path(folder, method, sigmas, cfg, fingerprint["id"], afs, tuple(shape))
-    log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s): %s",
-             method, states.shape[0], os.path.basename(path),
-             planned_text(plan(sigmas, method, states.shape[0], **({"afs": True} if afs else {}), **options)))
+    log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s)",
+             method, states.shape[0], os.path.basename(path))
+    say_plan(method, plan(sigmas, method, states.shape[0], **({"afs": True} if afs else {}), **options),
+             options.get("progress"))
     info = dict(info or {}, cfg=cfg, fingerprint=fingerprint["id"], fingerprint_detail=fingerprint,
                 latent_shape=list(shape))
     cal = calibrate(denoiser, sigmas, method, states, info=info, **({"afs": True} if afs else {}), **options)
@@ -112,15 +113,21 @@ def announce_plan(job, sigmas, conditions, spread, options):
         spread = dict(spread)
         planned = plan_range(spread.pop("schedule"), job.method, job.noise.shape[0], conditions, **spread, **options)
     job.planned = planned
+    say_plan(job.method, planned, job.progress, job.announce)
+    return planned
+
+
+def say_plan(method, planned, progress, announce=None):
+    """``planned`` (engine.plan's dict) in words: to ``announce`` (else the logger), and as the note of the UI's
+    progress text where ``progress`` carries a ``time_left`` (calibration.progress.TimeLeft)."""
     text = planned_text(planned)
-    if job.announce is not None:
-        job.announce(text)
+    if announce is not None:
+        announce(text)
     else:
-        log.info("[Calibrated Samplers] %s: %s", job.method, text)
-    left = getattr(job.progress, "time_left", None)
+        log.info("[Calibrated Samplers] %s: %s", method, text)
+    left = getattr(progress, "time_left", None)
     if left is not None:
         left.note = text
-    return planned
 
 
 def run(job, denoiser, sigmas, states, noise, conditions, family, cfg, fingerprint, with_cfg, range_options=None,

@@ -585,6 +585,9 @@ def test_first_use_node_calibrates_a_missing_setting_once_then_uses_the_file(com
                                                      calibration=cal))
     assert comfy.bars and comfy.bars[-1].values[-1][0] == comfy.bars[-1].values[-1][1]  # progress reached its end
     assert len(comfy.sent) == 1 and "calibrated now and saved as" in comfy.sent[0][1]["message"]
+    # the node's text carries what the fit spends, which is what it spent (no end-to-end stage by default)
+    spent = round(12 * cal.info["model_evaluations_per_sample"])
+    assert comfy.texts and all(f"; about {spent} model evaluations planned (" in t for t, _ in comfy.texts)
     model = denoiser(patcher, 3.0)
     sampler.sampler_function(model, x, SIGMAS, extra_args=dict(args), **sampler.extra_options)
     assert list(folder.iterdir()) == [written] and model.calls == 6  # the file was used: one run's evaluations
