@@ -567,7 +567,8 @@ def _state(model, sigmas, sampler, noise, extra_args, progress, settings, option
 def plan(sigmas, sampler, noises, extra_args=None, **keywords):
     """What ``calibrate`` with these arguments (``noises``: the batch size) will spend, before any model call: a
     dict of the model-evaluation equivalents (a backward pass counts two) per noise of each stage, ``per_noise``,
-    ``noises`` and ``total``, and whether that is an ``upper_bound``. Exact for IIA without the raised-end probe; with
+    ``noises`` and ``total``, whether that is an ``upper_bound``, and the end-to-end stage's ``time_limit`` (seconds or
+    None: it stops there if sooner than its budget). Exact for IIA without the raised-end probe; with
     it, planned at the highest raise the probe may choose (a raise it rejects after the end-to-end stage fits the
     requested schedule again, which is not planned); for AMED an upper bound (its search tries at most every
     refinement); a search over solver-option variants (amed_ipndm) calibrates each."""
@@ -592,7 +593,8 @@ def plan(sigmas, sampler, noises, extra_args=None, **keywords):
     runs = max(1, len(variants))
     return {"stages": {k: runs * v for k, v in stages.items()}, "per_noise": runs * before, "noises": int(noises),
             "total": runs * before * int(noises),
-            "upper_bound": st.fn.kind == "amed" or st.wants_probe, "variants": runs}
+            "upper_bound": st.fn.kind == "amed" or st.wants_probe, "variants": runs,
+            "time_limit": st.time_limit if st.end_to_end else None}
 
 def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,

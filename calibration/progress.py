@@ -21,9 +21,10 @@ class TimeLeft:
         self.note = None  # said after the estimate, e.g. the planned evaluations (planned_text)
 
     def text(self, done, total):
-        return self._estimate(done, total) + (f"; {self.note}" if self.note else "")
+        return self.estimate(done, total) + (f"; {self.note}" if self.note else "")
 
-    def _estimate(self, done, total):
+    def estimate(self, done, total):
+        """``text`` without the note: how far, and the time left."""
         now, share = self.clock(), f"{100 * done / max(total, 1):.0f}%"
         if self.start is None or done <= self.start[1]:
             if self.start is None:
@@ -37,6 +38,13 @@ class TimeLeft:
 def planned_text(plan):
     """What a calibration will spend (engine.plan, ranges.plan_range), in words, for before it starts."""
     e2e = plan.get("stages", {}).get("end to end", 0.0) / max(plan["per_noise"], 1e-9)
+    limit = plan.get("time_limit")
+    stage = "" if e2e < 0.005 else f"; {e2e:.0%} of it the end-to-end stage" + (
+        f", which stops after {_minutes(limit)} if sooner" if limit else "")
     return (f"about {int(round(plan['total'])):,} model evaluations planned ({plan['per_noise']:.0f} per noise for "
-            f"{plan['noises']} noises, a backward pass counted as two"
-            + (f"; {e2e:.0%} of it the end-to-end stage)" if e2e >= 0.005 else ")"))
+            f"{plan['noises']} noises, a backward pass counted as two{stage})")
+
+
+def _minutes(seconds):
+    minutes = seconds / 60
+    return f"{minutes:g} min" if minutes < 60 else f"{minutes / 60:g} h"

@@ -140,7 +140,7 @@ def plan_range(schedule, sampler, noises, extra_args=None, *, steps=(8,), cfgs=(
             stages[name] = stages.get(name, 0.0) + spent
     per_noise = sum(p["per_noise"] for p in plans)
     return {"stages": stages, "per_noise": per_noise, "noises": int(noises), "total": per_noise * int(noises),
-            "upper_bound": True, "entries": len(plans)}
+            "upper_bound": True, "entries": len(plans), "time_limit": plans[0]["time_limit"]}
 
 
 def _schedules(schedule, steps, denoises, rules):

@@ -139,9 +139,9 @@ def comfy_progress():
         except (ImportError, AttributeError):  # outside a server, or a ComfyUI without progress text
             pass
         tenth = int(10 * done / max(total, 1))
-        if tenth > said[0]:
+        if tenth > said[0]:  # the console said the plan once already (hosts.say_plan)
             said[0] = tenth
-            log.info("[Calibrated Samplers] %s", text)
+            log.info("[Calibrated Samplers] calibrating: %s", left.estimate(done, total))
     progress.time_left = left  # where the host puts the planned evaluations (hosts.announce_plan)
     return progress
 

@@ -100,6 +100,9 @@ def test_the_plan_is_said_in_words_and_rides_on_the_time_left():
     left = TimeLeft(clock=lambda: 0.0)
     left.note = text
     assert left.text(0, 10) == f"0%, estimating the time left; {text}"
+    assert left.estimate(0, 10) == "0%, estimating the time left"  # what the console repeats
+    assert planned_text(dict(planned, time_limit=90.0)).endswith(
+        "89% of it the end-to-end stage, which stops after 1.5 min if sooner)")
 
 
 def test_the_plan_refuses_what_calibrate_refuses():
