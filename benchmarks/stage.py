@@ -114,8 +114,15 @@ def trace(model, cfg, evals, noises, seed=0, overrides=None, sweep=True, sweep_c
     tr = Trace(st, bench.per_noise_rmse)
     tr.install()
     started = time.time()
-    cal = engine.calibrate(st.bed.model, sig, SAMPLER, st.bed.noise(noises, seed, sig), st.conditions,
-                           chunk_size=64, sigma_min=st.bed.sigma_min, **st.fam, **overrides)
+    # the end-to-end budget in multiples of what came before it (engine.BUDGET_FACTOR), for this calibration only
+    factor, kept = overrides.get("budget_factor", engine.BUDGET_FACTOR), engine.BUDGET_FACTOR
+    try:
+        engine.BUDGET_FACTOR = float(factor)
+        cal = engine.calibrate(st.bed.model, sig, SAMPLER, st.bed.noise(noises, seed, sig), st.conditions,
+                               chunk_size=64, sigma_min=st.bed.sigma_min, **st.fam,
+                               **{k: v for k, v in overrides.items() if k != "budget_factor"})
+    finally:
+        engine.BUDGET_FACTOR = kept
     minutes = (time.time() - started) / 60
 
     def per_noise(sigmas, calibration=None, unit=None, reference=None):
@@ -181,7 +188,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-sweep", action="store_true", help="skip the best uncalibrated sampler")
     p.add_argument("--out", default=None)
-    p.add_argument("--set", nargs="*", default=[], help="calibrate() keyword overrides, key=value (Python literal)")
+    p.add_argument("--set", nargs="*", default=[], help="calibrate() keyword overrides, key=value (Python literal); "
+                   "budget_factor=F sets the end-to-end budget to F times what came before it")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
