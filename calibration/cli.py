@@ -56,9 +56,7 @@ def cmd_calibrate(args):
     options = {"afs": True} if args.afs else {}
     sig = _schedule(bed, args.sampler, args.steps, args.evaluations, options)
     noise = bed.noise(args.batch, args.seed, sig)
-    settings = dict(family=bed.family, shift=bed.shift, fine_steps=args.fine_steps, target=args.target,
-                    chunk_size=args.chunk_size, holdout=args.holdout, sigma_min=bed.sigma_min,
-                    end_to_end=args.end_to_end, learn_sigmas=args.learn_sigmas, budget=args.budget, **options)
+    settings = _fit_settings(args, bed)
     progress = None if args.quiet else _bar(planned_text(plan(sig, args.sampler, args.batch, conditions, **settings)))
     cal = calibrate(bed.model, sig, args.sampler, noise, conditions, progress=progress, **settings,
                     info={"model": bed.name, "fingerprint": bed.fingerprint, "seed": args.seed, "cfg": args.cfg,
@@ -74,6 +72,13 @@ def cmd_calibrate(args):
     fell_back = "" if cal.fallback is None else f", {int(cal.fallback.sum())} of {cal.steps} steps at the base update"
     print(f"wrote {args.out}: {cal.method}, {cal.steps} steps, {cal.info['model_evaluations_per_sample']:.0f} "
           f"model evaluations per noise, {cal.info['seconds']:.1f} s{fell_back}{stage}")
+
+
+def _fit_settings(args, bed):
+    """calibrate()'s keywords from the command line, for one file or each entry of a range file."""
+    return dict(family=bed.family, shift=bed.shift, fine_steps=args.fine_steps, target=args.target,
+                chunk_size=args.chunk_size, holdout=args.holdout, sigma_min=bed.sigma_min, end_to_end=args.end_to_end,
+                learn_sigmas=args.learn_sigmas, budget=args.budget, **({"afs": True} if args.afs else {}))
 
 
 def _bar(planned, width=40):
@@ -93,10 +98,7 @@ def calibrate_spread(args, bed, spread):
     from .file import CalibrationSet
     from .ranges import calibrate_range, plan_range
     noise = torch.randn(args.batch, *bed.shape, generator=torch.Generator().manual_seed(args.seed))
-    settings = dict(family=bed.family, shift=bed.shift, fine_steps=args.fine_steps, target=args.target,
-                    chunk_size=args.chunk_size, holdout=args.holdout, sigma_min=bed.sigma_min,
-                    end_to_end=args.end_to_end, learn_sigmas=args.learn_sigmas, budget=args.budget,
-                    **({"afs": True} if args.afs else {}), **spread)
+    settings = dict(_fit_settings(args, bed), **spread)
     first_cfg = spread["cfgs"][0]
     planned = plan_range(bed.sigmas, args.sampler, args.batch, [{}] if first_cfg is None else bed.conditions(first_cfg),
                          **settings)

@@ -389,19 +389,23 @@ def _held_share(st):
     return sum(st.run.chunks[j].n for j in st.held) / st.noise.shape[0]
 
 
-@progress_units(lambda st: ((len(STRENGTHS) if st.sequential else 1) + (st.user_options != st.options)) * len(st.held)
-                if st.validate else 0)  # each candidate samples the held-out noises
-@planned_evaluations(lambda st, before: ((len(STRENGTHS) if st.sequential else 1) + (st.user_options != st.options))
-                     * _held_share(st) * SAMPLERS[st.sampler].evaluations(st.run.sigmas, **st.options)
-                     if st.validate else 0.0)
+def _strength_candidates(st):
+    """(strength, solver options) the strength check samples the held-out noises with."""
+    candidates = [(strength, st.options) for strength in (STRENGTHS if st.sequential else (0.0,))]
+    if st.user_options != st.options:  # the plain sampler as the user would run it is a candidate too
+        candidates.append((0.0, st.user_options))
+    return candidates
+
+
+@progress_units(lambda st: len(_strength_candidates(st)) * len(st.held) if st.validate else 0)
+@planned_evaluations(lambda st, before: len(_strength_candidates(st)) * _held_share(st)
+                     * SAMPLERS[st.sampler].evaluations(st.run.sigmas, **st.options) if st.validate else 0.0)
 def _strength_check(st):
     """The fit scaled towards the base solver (and the plain sampler as asked), judged on the held-out noises."""
     if not (st.validate and st.held):
         return
     with torch.no_grad():
-        candidates = [(strength, st.options) for strength in (STRENGTHS if st.sequential else (0.0,))]
-        if st.user_options != st.options:  # the plain sampler as the user would run it is a candidate too
-            candidates.append((0.0, st.user_options))
+        candidates = _strength_candidates(st)
         errors = _endpoint_check(st.run, st.sampler, st.params, st.kind, st.teacher.endpoint(), candidates,
                                  st.fam)
         st.endpoint = [{"strength": strength, "options": dict(opts), "rmse": e}
@@ -595,6 +599,7 @@ def plan(sigmas, sampler, noises, extra_args=None, **keywords):
             "total": runs * before * int(noises),
             "upper_bound": st.fn.kind == "amed" or st.wants_probe, "variants": runs,
             "time_limit": st.time_limit if st.end_to_end else None}
+
 
 def calibrate(model, sigmas, sampler, noise, extra_args=None, *, family=None, shift=None, fine_steps=10,
               target="trajectory", history=None, ridge=None, holdout=0.25, chunk_size=32, validate=True,

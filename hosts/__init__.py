@@ -70,11 +70,12 @@ def first_use(method, denoiser, sigmas, states, *, folder, cfg, fingerprint, sha
     path = first_use_path(folder, method, sigmas, cfg, fingerprint["id"], afs, tuple(shape))
     log.info("[Calibrated Samplers] %s: no file fits this run; calibrating it now on %d noises (saved as %s)",
              method, states.shape[0], os.path.basename(path))
-    say_plan(method, plan(sigmas, method, states.shape[0], **({"afs": True} if afs else {}), **options),
-             options.get("progress"))
+    if afs:  # only then: files made without it stay as they were
+        options["afs"] = True
+    say_plan(method, plan(sigmas, method, states.shape[0], **options), options.get("progress"))
     info = dict(info or {}, cfg=cfg, fingerprint=fingerprint["id"], fingerprint_detail=fingerprint,
                 latent_shape=list(shape))
-    cal = calibrate(denoiser, sigmas, method, states, info=info, **({"afs": True} if afs else {}), **options)
+    cal = calibrate(denoiser, sigmas, method, states, info=info, **options)
     try:
         cal.save(path, replace=False)
     except FileExistsError:
